@@ -1,0 +1,194 @@
+"""One typed configuration object, loaded once: TOML file, then environment, then flags.
+
+Every section is a frozen dataclass; `load_config` returns a `GatewayConfig` and nothing else
+reads configuration. Environment variables override the file as `GATEWAY_<SECTION>_<KEY>`
+(for example `GATEWAY_STORE_PATH=/data/gw.db`, `GATEWAY_INGEST_AUTO_REGISTER=true`); values
+are parsed as TOML values when they parse, else taken as strings. `docs/configuration.md`
+lists every key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+
+from gateway.errors import ConfigError
+
+DEFAULT_DB_PATH = "var/gateway.db"
+ENV_PREFIX = "GATEWAY_"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    bind: str = "::"
+    port: int = 5683
+    #: Name of this gateway in relayed messages and topics.
+    name: str = "gw1"
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    path: str = DEFAULT_DB_PATH
+    #: "full" survives power loss; "normal" (WAL) survives a killed process only.
+    synchronous: Literal["full", "normal"] = "full"
+    #: Group commit: at most this many write requests share one transaction.
+    max_batch: int = 512
+    #: Bound on write requests waiting for the writer; past it ingest answers 5.03.
+    max_pending: int = 10_000
+    #: Readings older than this many days are pruned (0 keeps them forever).
+    retention_days: float = 0
+    #: At most this many readings are kept, oldest pruned first (0 for no limit).
+    retention_max_rows: int = 0
+    prune_interval: float = 60.0
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    #: Largest accepted request payload in bytes; larger ones get 4.13 with Size1.
+    max_payload: int = 1024
+    #: Accept readings from devices that never registered, creating them as type "generic".
+    auto_register: bool = False
+    #: Most measurements in one request.
+    max_fields: int = 64
+    #: Longest measurement name and string value.
+    max_name_length: int = 64
+    max_string_length: int = 256
+
+
+@dataclass(frozen=True)
+class RegistryConfig:
+    default_lifetime: int = 86_400
+    min_lifetime: int = 10
+    max_lifetime: int = 31_536_000
+    #: How often expired registrations are looked for, in seconds.
+    expiry_interval: float = 5.0
+    max_links_size: int = 1024
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    #: "auto" renders for people on a TTY and JSON lines otherwise.
+    format: Literal["auto", "json", "console"] = "auto"
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def replace(self, section: str, **changes: Any) -> GatewayConfig:
+        """A copy with some keys of one section changed (used for command-line flags)."""
+        current = getattr(self, section)
+        return dataclasses.replace(self, **{section: dataclasses.replace(current, **changes)})
+
+
+def _parse_env_value(raw: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    """Nested overrides from `GATEWAY_<SECTION>_<KEY>` variables; unknown sections fail."""
+    sections = {f.name for f in dataclasses.fields(GatewayConfig)}
+    overrides: dict[str, dict[str, Any]] = {}
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        rest = name[len(ENV_PREFIX) :].lower()
+        section = next((s for s in sections if rest.startswith(s + "_")), None)
+        if section is None:
+            continue
+        key = rest[len(section) + 1 :]
+        overrides.setdefault(section, {})[key] = _parse_env_value(raw)
+    return overrides
+
+
+def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = _merge(dict(merged[key]), value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _reject_unknown_keys(data: Mapping[str, Any], cls: type[Any], prefix: str) -> None:
+    """A misspelt key is an error, not a silently ignored setting."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for key, value in data.items():
+        if key not in fields:
+            raise ConfigError(f"unknown configuration key: {prefix}{key}", key=f"{prefix}{key}")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint) and isinstance(value, Mapping):
+            _reject_unknown_keys(value, hint, f"{prefix}{key}.")  # type: ignore[arg-type]
+        elif typing.get_origin(hint) in (list, tuple) and isinstance(value, list):
+            (item_type, *_) = typing.get_args(hint)
+            if dataclasses.is_dataclass(item_type):
+                for index, item in enumerate(value):
+                    if isinstance(item, Mapping):
+                        _reject_unknown_keys(item, item_type, f"{prefix}{key}[{index}].")  # type: ignore[arg-type]
+
+
+def config_from_mapping(data: Mapping[str, Any]) -> GatewayConfig:
+    """Validate a plain mapping (parsed TOML) into the typed config, naming a bad key."""
+    _reject_unknown_keys(data, GatewayConfig, "")
+    try:
+        return msgspec.convert(dict(data), GatewayConfig)
+    except msgspec.ValidationError as exc:
+        # msgspec says e.g. "Expected `int`, got `str` - at `$.store.max_batch`".
+        text = str(exc)
+        key = text.rsplit("at `$.", 1)[1].rstrip("`") if "at `$." in text else None
+        raise ConfigError(f"invalid configuration: {text}", key=key) from exc
+
+
+def load_config(
+    path: str | Path | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+) -> GatewayConfig:
+    """Load TOML (if given), apply environment overrides, validate everything."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        except FileNotFoundError as exc:
+            raise ConfigError(f"configuration file not found: {path}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    data = _merge(data, env_overrides(os.environ if environ is None else environ))
+    config = config_from_mapping(data)
+    check_config(config)
+    return config
+
+
+def check_config(config: GatewayConfig) -> None:
+    """Cross-field checks that types alone cannot express."""
+    if not 0 <= config.server.port <= 65535:
+        raise ConfigError("server.port must be 0..65535", key="server.port")
+    if config.ingest.max_payload < 16:
+        raise ConfigError("ingest.max_payload must be at least 16 bytes", key="ingest.max_payload")
+    if config.store.max_batch < 1:
+        raise ConfigError("store.max_batch must be at least 1", key="store.max_batch")
+    reg = config.registry
+    if not reg.min_lifetime <= reg.default_lifetime <= reg.max_lifetime:
+        raise ConfigError(
+            "registry lifetimes must satisfy min_lifetime <= default_lifetime <= max_lifetime",
+            key="registry.default_lifetime",
+        )
