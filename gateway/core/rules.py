@@ -689,7 +689,7 @@ class RuleEngine:
             threshold = rule.circle.radius_m if rule.circle is not None else None
             return _Observation(past_edge > limit, round(past_edge, 1), threshold)
         # Silence: a reading is the end of any silence.
-        gap = round(at - previous_seen, 1) if previous_seen is not None else 0.0
+        gap = round(float(at - previous_seen), 1) if previous_seen is not None else 0.0
         return _Observation(False, gap, state.threshold)
 
     def _rate(
@@ -730,7 +730,7 @@ class RuleEngine:
         interval = rule.interval
         if interval is None and dev.gaps:
             interval = statistics.median(dev.gaps)
-        silent_for = None if dev.last_seen is None else round(now - dev.last_seen, 1)
+        silent_for = None if dev.last_seen is None else round(float(now - dev.last_seen), 1)
         if state.phase is Phase.RAISED:
             # Only a reading ends a silence; a sign of life given to seen() (say, at
             # start-up) must not clear a dead device's alert.
@@ -739,7 +739,7 @@ class RuleEngine:
             )
         if interval is None or silent_for is None:
             return None
-        limit = round(rule.factor * interval, 1)
+        limit = round(float(rule.factor * interval), 1)
         return _Observation(silent_for > limit, silent_for, limit)
 
     def _apply(
