@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 import statistics
-import string
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
@@ -422,7 +421,7 @@ def _render(template: str, fallback: str, fields: Mapping[str, Any]) -> str:
             # A valid template can still fail on a value of another type ({value:.1f} on
             # a string): fall back rather than lose the alert.
             continue
-    return string.Formatter().vformat("{rule} on {device}", (), dict(fields))
+    return "{rule} on {device}".format(**fields)
 
 
 # --------------------------------------------------------------------------- engine
