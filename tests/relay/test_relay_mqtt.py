@@ -6,6 +6,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import aiomqtt
 import pytest
@@ -56,11 +57,11 @@ async def test_batch_arrives_in_order_on_the_templated_topics(
         "coap-gw/gw1/fridge/fridge-1/readings",
         "coap-gw/gw1/fridge/fridge_2/readings",
     ] * 2
-    messages = [decode(m.payload, Encoding.CBOR) for m in got]  # type: ignore[arg-type]
+    messages = [decode(m.payload, Encoding.CBOR) for m in got]
     assert [m.message_id for m in messages] == ["r-1", "r-2", "r-3", "r-4"]
     assert messages[0] == batch[0].message
     if version == "5":
-        properties = got[0].properties
+        properties: Any = got[0].properties
         assert properties is not None
         assert properties.ContentType == "application/cbor"
         assert ("message-id", "r-1") in properties.UserProperty

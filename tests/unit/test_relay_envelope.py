@@ -28,7 +28,7 @@ from gateway.relay.envelope import (
     render_template,
 )
 
-names = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=1, max_size=20)
+names = st.text(st.characters(codec="utf-8", exclude_categories=["Cs"]), min_size=1, max_size=20)
 scalars = st.one_of(
     st.booleans(),
     st.integers(-(2**53), 2**53),

@@ -69,7 +69,7 @@ class CoapSink(SinkBase):
             raise RuntimeError("CoapSink used outside `async with`")
         request = aiocoap.Message(
             code=aiocoap.POST,
-            mtype=aiocoap.CON,
+            transport_tuning=aiocoap.Reliable,  # CON: the upstream must acknowledge
             uri=self._config.url,
             payload=body,
             content_format=first.encoding.content_format,
