@@ -20,7 +20,9 @@ from typing import Any, Literal
 
 import msgspec
 
+from gateway.core.rules import RuleConfig, check_rules
 from gateway.errors import ConfigError
+from gateway.relay.config import RelayConfig, RouteConfig, SinkConfig, check_relay
 
 DEFAULT_DB_PATH = "var/gateway.db"
 ENV_PREFIX = "GATEWAY_"
@@ -87,6 +89,10 @@ class GatewayConfig:
     ingest: IngestConfig = field(default_factory=IngestConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    relay: RelayConfig = field(default_factory=RelayConfig)
+    sinks: tuple[SinkConfig, ...] = ()
+    routes: tuple[RouteConfig, ...] = ()
+    rules: tuple[RuleConfig, ...] = ()
 
     def replace(self, section: str, **changes: Any) -> GatewayConfig:
         """A copy with some keys of one section changed (used for command-line flags)."""
@@ -186,6 +192,8 @@ def check_config(config: GatewayConfig) -> None:
         raise ConfigError("ingest.max_payload must be at least 16 bytes", key="ingest.max_payload")
     if config.store.max_batch < 1:
         raise ConfigError("store.max_batch must be at least 1", key="store.max_batch")
+    check_relay(config.sinks, config.routes, config.relay)
+    check_rules(config.rules)
     reg = config.registry
     if not reg.min_lifetime <= reg.default_lifetime <= reg.max_lifetime:
         raise ConfigError(

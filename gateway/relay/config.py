@@ -11,14 +11,11 @@ what SQLite's GLOB does, so the outbox trigger and `RouteConfig.matches` agree.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Any, Literal, get_args
 from urllib.parse import urlsplit
-
-import msgspec
 
 from gateway.core.outbox import RetryPolicy
 from gateway.errors import ConfigError
@@ -223,33 +220,14 @@ def check_relay(
         raise ConfigError("relay.retry_after must not be negative", key="relay.retry_after")
 
 
-def _reject_unknown(data: Mapping[str, Any], cls: type[Any], prefix: str) -> None:
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    for key, value in data.items():
-        if key not in known:
-            raise ConfigError(f"unknown configuration key: {prefix}{key}", key=f"{prefix}{key}")
-        if key == "retry" and isinstance(value, Mapping):
-            _reject_unknown(value, RetryPolicy, f"{prefix}{key}.")
-
-
 def relay_setup_from_mapping(data: Mapping[str, Any]) -> RelaySetup:
     """Validate the `sinks`, `routes` and `relay` keys of a parsed TOML mapping."""
+    from gateway.config import config_from_mapping
+
     relevant = {k: data[k] for k in ("sinks", "routes", "relay") if k in data}
-    for section, cls in (("sinks", SinkConfig), ("routes", RouteConfig)):
-        items = relevant.get(section, [])
-        for index, item in enumerate(items if isinstance(items, list) else []):
-            if isinstance(item, Mapping):
-                _reject_unknown(item, cls, f"{section}[{index}].")
-    if isinstance(relevant.get("relay"), Mapping):
-        _reject_unknown(relevant["relay"], RelayConfig, "relay.")
-    try:
-        setup = msgspec.convert(relevant, RelaySetup)
-    except msgspec.ValidationError as exc:
-        text = str(exc)
-        key = text.rsplit("at `$.", 1)[1].rstrip("`") if "at `$." in text else None
-        raise ConfigError(f"invalid configuration: {text}", key=key) from exc
-    check_relay(setup.sinks, setup.routes, setup.relay)
-    return setup
+    config = config_from_mapping(relevant)
+    check_relay(config.sinks, config.routes, config.relay)
+    return RelaySetup(config.sinks, config.routes, config.relay)
 
 
 def sink_from_config(config: SinkConfig) -> Sink:

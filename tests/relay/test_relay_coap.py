@@ -11,8 +11,8 @@ from gateway.relay.config import SinkConfig
 from gateway.relay.envelope import Encoding, decode, decode_batch
 from gateway.relay.sinks.base import publish_batch
 from gateway.relay.sinks.coap import CoapSink
-from tests.relay.downstreams import CoapUpstream, free_udp_port
 from tests.relay.messages import deliveries
+from tests.support.downstreams import CoapUpstream, free_udp_port
 
 
 def sink_config(url: str, **kw: object) -> SinkConfig:

@@ -16,8 +16,8 @@ from gateway.relay.config import SinkConfig
 from gateway.relay.envelope import Encoding, decode
 from gateway.relay.sinks.base import publish_batch
 from gateway.relay.sinks.mqtt import MqttSink
-from tests.relay.brokers import Mosquitto, free_port
 from tests.relay.messages import deliveries
+from tests.support.brokers import Mosquitto, free_port
 
 
 def sink_config(url: str, **kw: object) -> SinkConfig:

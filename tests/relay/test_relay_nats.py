@@ -14,8 +14,8 @@ from gateway.relay.config import SinkConfig
 from gateway.relay.envelope import Encoding, decode
 from gateway.relay.sinks.base import publish_batch
 from gateway.relay.sinks.nats import MSG_ID_HEADER, NatsSink, stream_subjects
-from tests.relay.brokers import NatsServer, free_port
 from tests.relay.messages import deliveries
+from tests.support.brokers import NatsServer, free_port
 
 
 def sink_config(url: str, **kw: object) -> SinkConfig:

@@ -12,9 +12,9 @@ from gateway.relay.config import SinkConfig
 from gateway.relay.envelope import Encoding, decode_batch
 from gateway.relay.sinks.base import publish_batch
 from gateway.relay.sinks.webhook import SIGNATURE_HEADER, WebhookSink, signature
-from tests.relay.brokers import free_port
-from tests.relay.downstreams import WebhookServer
 from tests.relay.messages import deliveries
+from tests.support.brokers import free_port
+from tests.support.downstreams import WebhookServer
 
 
 def sink_config(url: str, **kw: object) -> SinkConfig:

@@ -20,8 +20,12 @@ import aiocoap.resource
 import pytest
 from aiohttp import web
 
-from tests.relay.brokers import Mosquitto, NatsServer
-from tests.relay.downstreams import CoapUpstream, WebhookServer, free_udp_port
+from gateway.app import Gateway
+from gateway.config import GatewayConfig
+from tests.support.brokers import Mosquitto, NatsServer
+from tests.support.downstreams import CoapUpstream, WebhookServer, free_udp_port
+from tests.support.gateway import GatewayProcess, base_url
+from tests.support.gateway import gateway_config as make_gateway_config
 
 
 @pytest.fixture
@@ -79,3 +83,43 @@ async def coap_upstream() -> AsyncIterator[CoapUpstream]:
         yield upstream
     finally:
         await context.shutdown()
+
+
+# --- gateways ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def gateway_config(tmp_path: Path) -> GatewayConfig:
+    """Config of the test's gateway: loopback, free port, database in tmp_path."""
+    return make_gateway_config(tmp_path)
+
+
+@pytest.fixture
+async def gateway(gateway_config: GatewayConfig) -> AsyncIterator[Gateway]:
+    """An in-process gateway serving on `gateway_url`."""
+    async with Gateway(gateway_config) as running:
+        yield running
+
+
+@pytest.fixture
+def gateway_url(gateway_config: GatewayConfig) -> str:
+    return base_url(gateway_config)
+
+
+@pytest.fixture
+async def coap_client() -> AsyncIterator[aiocoap.Context]:
+    client = await aiocoap.Context.create_client_context(transports=["udp6"])
+    try:
+        yield client
+    finally:
+        await client.shutdown()
+
+
+@pytest.fixture
+def gateway_process(gateway_config: GatewayConfig) -> Iterator[GatewayProcess]:
+    """A gateway as a real child process (not started: call `.start()`), stopped afterwards."""
+    process = GatewayProcess(gateway_config)
+    try:
+        yield process
+    finally:
+        process.stop()
