@@ -26,6 +26,7 @@ from gateway.coap.server import CORE_LINKS, CoapServer, GatewaySite
 from gateway.config import GatewayConfig
 from gateway.ingest import Ingest
 from gateway.registry import Registry
+from gateway.security import SecurityLayer
 from gateway.store.db import migrate, open_database
 from gateway.store.retention import RetentionPolicy, prune
 from gateway.store.writer import StoreWriter
@@ -51,6 +52,7 @@ class Gateway:
     registry: Registry
     ingest: Ingest
     site: GatewaySite
+    security: SecurityLayer
     coap: CoapServer
 
     async def __aenter__(self) -> Gateway:
@@ -91,8 +93,21 @@ class Gateway:
             self._spawn(self._retention_loop(retention), "store.retention")
 
         self.site = self._build_site()
+        self.security = await stack.enter_async_context(
+            SecurityLayer(
+                config.security,
+                reader=self.reader,
+                registry=self.registry,
+                store_path=config.store.path,
+            )
+        )
         self.coap = await stack.enter_async_context(
-            CoapServer(self.site, bind=config.server.bind, port=config.server.port)
+            CoapServer(
+                self.site,
+                bind=config.server.bind,
+                port=config.server.port,
+                root=self.security.wrap(self.site.site),
+            )
         )
 
     def _spawn(self, coroutine: Coroutine[Any, Any, None], name: str) -> None:

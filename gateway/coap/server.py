@@ -60,8 +60,18 @@ class GatewaySite:
 
 
 class CoapServer:
-    def __init__(self, site: GatewaySite, *, bind: str, port: int, transport: str = "udp6") -> None:
+    def __init__(
+        self,
+        site: GatewaySite,
+        *,
+        bind: str,
+        port: int,
+        transport: str = "udp6",
+        root: Any = None,
+    ) -> None:
         self._site = site
+        #: What the context serves: the site itself, or a wrapper around it (security).
+        self._root = site.site if root is None else root
         self._bind = bind
         self._port = port
         self._transport = transport
@@ -69,7 +79,7 @@ class CoapServer:
 
     async def __aenter__(self) -> CoapServer:
         self.context = await Context.create_server_context(
-            self._site.site, bind=(self._bind, self._port), transports=[self._transport]
+            self._root, bind=(self._bind, self._port), transports=[self._transport]
         )
         log.info("coap.listening", bind=self._bind, port=self._port, transport=self._transport)
         return self

@@ -1,0 +1,52 @@
+"""Loading a device's credentials (as written by `gateway devices add --credentials oscore`).
+
+The file is in aiocoap's credentials format: a JSON map from URI patterns to credentials,
+here `{"coap://*": {"oscore": {"basedir": ".../oscore/"}}}`. A client context with it loaded
+protects every request it sends to a matching URI with OSCORE (RFC 8613).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import aiocoap
+from aiocoap.credentials import CredentialsMap
+
+CREDENTIALS_FILE = "credentials.json"
+
+
+def credentials_file(path: str | Path, device: str | None = None) -> Path:
+    """The credentials file named by `path`: the file itself, `path/credentials.json`, or
+    `path/<device>/credentials.json` (a directory holding several devices' credentials)."""
+    candidate = Path(path)
+    if candidate.is_file():
+        return candidate
+    if device is not None and (candidate / device / CREDENTIALS_FILE).is_file():
+        return candidate / device / CREDENTIALS_FILE
+    if (candidate / CREDENTIALS_FILE).is_file():
+        return candidate / CREDENTIALS_FILE
+    raise FileNotFoundError(f"no credentials for {device or 'this device'} in {path}")
+
+
+def load_credentials(path: str | Path, device: str | None = None) -> dict[str, Any]:
+    data = json.loads(credentials_file(path, device).read_text())
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a credentials file holds a JSON object")
+    return data
+
+
+async def client_context(path: str | Path | None = None, device: str | None = None) -> Any:
+    """An aiocoap client context, with the device's OSCORE credentials when `path` is given."""
+    # "oscore" sits above "udp6": it protects requests for which credentials match.
+    transports = ["oscore", "udp6"] if path is not None else ["udp6"]
+    context = await aiocoap.Context.create_client_context(transports=transports)
+    if path is not None:
+        try:
+            credentials: CredentialsMap = context.client_credentials
+            credentials.load_from_dict(load_credentials(path, device))
+        except BaseException:
+            await context.shutdown()
+            raise
+    return context
