@@ -41,9 +41,10 @@ from gateway.registry import Registry
 
 log = structlog.get_logger("gateway.security")
 
-#: Bytes of a response besides its payload and token that shaping assumes: header, and room
-#: for Content-Format, Block2, ETag and the payload marker.
-RESPONSE_OVERHEAD = 4 + 16
+#: Bytes of a block-wise response besides its payload and token: header (4), Content-Format
+#: (up to 3), Block2 (up to 4), payload marker (1). Anything more (an ETag, say) and the
+#: final size check answers 4.01 instead.
+RESPONSE_OVERHEAD = 4 + 3 + 4 + 1
 MIN_BLOCK_EXP, MAX_BLOCK_EXP = 0, 6
 
 OwnerLookup = Callable[[str], Awaitable[tuple[str, str] | None]]
@@ -175,7 +176,10 @@ class Guard(interfaces.Resource):  # type: ignore[misc]
                 self.events.hit("security.option_too_long", peer=source)
                 raise BadRequestError(f"path or query item longer than {config.max_option_length}")
         now = self._clock()
-        wait = self.sources.check(source, now)
+        # Block2 continuations are served from aiocoap's response cache and never reach a
+        # handler; charging them would make a large answer cost a whole burst.
+        continuation = request.opt.block2 is not None and request.opt.block2.block_number > 0
+        wait = 0.0 if continuation else self.sources.check(source, now)
         if wait:
             self.events.hit("ratelimit.source_limited", peer=source, outcome="limited")
             raise TooManyRequestsError(
@@ -210,7 +214,7 @@ class Guard(interfaces.Resource):  # type: ignore[misc]
             )
             raise
         device_key = identity.name if identity is not None else subject.device
-        if device_key is not None:
+        if device_key is not None and not continuation:
             wait = self.devices.check(device_key, now)
             if wait:
                 self.events.hit("ratelimit.device_limited", device=device_key, outcome="limited")
