@@ -138,8 +138,13 @@ class GatewayProcess:
             with self._changed:
                 self.events.append(event)
                 self._changed.notify_all()
+        process.stderr.close()  # else a ResourceWarning fails a later, unrelated test
         with self._changed:
             self._changed.notify_all()
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._process is None else self._process.pid
 
     def events_named(self, name: str) -> list[dict[str, Any]]:
         with self._lock:
