@@ -28,5 +28,10 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix gateway device_sim tests
 	$(BIN)/ruff format gateway device_sim tests
 
+# Longer fuzz runs than the bounded ones in `make test` (FUZZ_EXAMPLES=N to change).
+FUZZ_EXAMPLES ?= 20000
+fuzz: $(STAMP)
+	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest tests/fuzz -p no:cacheprovider $(PYTEST_ARGS)
+
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

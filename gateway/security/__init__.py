@@ -19,6 +19,7 @@ from gateway.config import SecurityConfig
 from gateway.registry import Registry
 from gateway.security.contexts import SecurityContexts
 from gateway.security.guard import Guard
+from gateway.security.hardening import install_option_decoding_fix
 
 log = structlog.get_logger(__name__)
 
@@ -49,6 +50,7 @@ class SecurityLayer:
         self.guard: Guard | None = None
 
     async def __aenter__(self) -> SecurityLayer:
+        install_option_decoding_fix()
         await self.contexts.__aenter__()
         if self.config.mode == "open":
             log.warning(
