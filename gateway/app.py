@@ -20,7 +20,7 @@ from typing import Any
 import aiosqlite
 import structlog
 
-from gateway.coap.alerts import AlertsResource, ListsResource
+from gateway.coap.alerts import AlertsResource, ListNamesResource, ListsResource
 from gateway.coap.readings import ReadingsResource
 from gateway.coap.registration import RegistrationCollection, RegistrationEntries
 from gateway.coap.server import CORE_LINKS, RULES_LINKS, CoapServer, GatewaySite
@@ -111,11 +111,13 @@ class Gateway:
         site.add(("r",), ReadingsResource(self.ingest, self.reader), readings)
         alerts, lists = RULES_LINKS
         alerts_resource = AlertsResource(self.reader)
+        names_resource = ListNamesResource(self.reader)
         lists_resource = ListsResource(self.reader)
-        self.rules.add_listener(alerts_resource.on_decisions)
-        self.rules.add_listener(lists_resource.on_decisions)
+        for listener in (alerts_resource, names_resource, lists_resource):
+            self.rules.add_listener(listener.on_decisions)
         site.add(("alerts",), alerts_resource, alerts)
-        site.add(("lists",), lists_resource, lists)
+        site.add(("lists",), names_resource, lists)
+        site.add(("lists",), lists_resource)
         return site
 
     async def _start_rules(self) -> None:

@@ -68,8 +68,26 @@ class AlertsResource(GatewayResource, resource.ObservableResource):  # type: ign
         return _encode([row.as_dict() for row in rows], content_format)
 
 
+class ListNamesResource(GatewayResource, resource.ObservableResource):  # type: ignore[misc]
+    """GET /lists: the names of the lists that have items (observable)."""
+
+    event = "lists"
+
+    def __init__(self, reader: aiosqlite.Connection) -> None:
+        super().__init__()
+        self._reader = reader
+
+    def on_decisions(self, decisions: Sequence[Decision]) -> None:
+        if any(isinstance(decision, ShoppingListChanged) for decision in decisions):
+            self.updated_state()
+
+    async def render_get(self, request: Message) -> Message:
+        content_format = _content_format(request)
+        return _encode(await store.list_names(self._reader), content_format)
+
+
 class ListsResource(GatewayResource, resource.ObservableResource, resource.PathCapable):  # type: ignore[misc]
-    """GET /lists: names of non-empty lists; GET /lists/NAME: the list's items (observable).
+    """GET /lists/NAME: the list's items (observable).
 
     Observations are kept per list, so a change to one list notifies only its observers.
     An unknown list is an empty one: a phone may observe a list before anything is low.
@@ -99,19 +117,15 @@ class ListsResource(GatewayResource, resource.ObservableResource, resource.PathC
 
     def on_decisions(self, decisions: Sequence[Decision]) -> None:
         changed = {d.list_name for d in decisions if isinstance(d, ShoppingListChanged)}
-        if changed:
-            for observation in list(self._by_list.get("", ())):
-                observation.trigger()
         for name in changed:
             for observation in list(self._by_list.get(name, ())):
                 observation.trigger()
 
     async def render_get(self, request: Message) -> Message:
         content_format = _content_format(request)
-        path = list(request.opt.uri_path)
-        if not path or path == [""]:
+        name = "/".join(request.opt.uri_path)
+        if not name:
             return _encode(await store.list_names(self._reader), content_format)
-        name = "/".join(path)
         items = await store.list_items(self._reader, name)
         return _encode(
             {"list": name, "items": [store.item_dict(item) for item in items]}, content_format
