@@ -92,7 +92,8 @@ class StreetLight:
         state = StreetLightState(t=now, on=False, dim=0.0, lamp_ok=True, lux=0.0, power=0.0)
         return self._settle(state, now, rng)
 
-    def _settle(self, state: StreetLightState, now: float, rng: random.Random) -> StreetLightState:
+    def _levels(self, state: StreetLightState, now: float) -> StreetLightState:
+        """On, dim and power from the schedule and any override, at ``now``."""
         on, dim = self.scheduled(now)
         if state.override_on is not None:
             on = state.override_on
@@ -101,16 +102,19 @@ class StreetLight:
         elif on and dim == 0.0:
             dim = 100.0
         burning = on and state.lamp_ok and dim > 0
-        power = self.rated_power * dim / 100.0 if burning else 0.0
-        if state.lamp_ok and not burning:
-            power = self.standby_power
+        if burning:
+            power = self.rated_power * dim / 100.0
+        else:
+            power = self.standby_power if state.lamp_ok else 0.0
+        return replace(state, on=on, dim=dim if on else 0.0, power=power)
+
+    def _settle(self, state: StreetLightState, now: float, rng: random.Random) -> StreetLightState:
+        state = self._levels(state, now)
         cloud = rng.uniform(0.6, 1.0)
         lux = self.daylight(now) * cloud + self.night_lux * rng.uniform(0.5, 1.5)
-        if burning:
-            lux += 10.0 * dim / 100.0  # the sensor sees some of its own lamp
-        return replace(
-            state, t=max(now, state.t), on=on, dim=dim if on else 0.0, power=power, lux=lux
-        )
+        if state.on and state.lamp_ok:
+            lux += 10.0 * state.dim / 100.0  # the sensor sees some of its own lamp
+        return replace(state, t=max(now, state.t), lux=lux)
 
     def step(
         self, state: StreetLightState, now: float, rng: random.Random
@@ -136,11 +140,12 @@ class StreetLight:
         }
 
     def command(self, state: StreetLightState, name: str, value: object) -> StreetLightState:
+        # Takes effect at once, at the time of the last step; the next step moves time on.
         if name == "on":
-            return replace(state, override_on=as_bool(value, name=name))
+            return self._levels(replace(state, override_on=as_bool(value, name=name)), state.t)
         if name == "dim":
             dim = as_number(value, name=name)
             if not 0.0 <= dim <= 100.0:
                 raise CommandError("dim: must be within [0, 100] %")
-            return replace(state, override_dim=dim)
+            return self._levels(replace(state, override_dim=dim), state.t)
         raise CommandError(f"{name}: not writable")
