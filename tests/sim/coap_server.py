@@ -91,10 +91,10 @@ async def coap_server() -> AsyncIterator[tuple[tuple[str, int], Recorder]]:
         await ctx.shutdown()
 
 
-async def wait_for(predicate: Any, timeout: float = 5.0) -> None:
-    """Poll ``predicate`` until true, failing after ``timeout`` seconds."""
+async def wait_for(predicate: Any, within: float = 5.0) -> None:
+    """Poll ``predicate`` until true, failing after ``within`` seconds."""
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
+    deadline = loop.time() + within
     while not predicate():
         if loop.time() > deadline:
             raise AssertionError("condition not met in time")

@@ -44,7 +44,7 @@ async def test_node_registers_and_posts_readings() -> None:
     assert reg["query"] == {"ep": "fridge-1", "et": "fridge", "lt": "300"}
     assert '</temp>;rt="temperature";obs' in reg["links"]
     assert rec.seqs("fridge-1")[:3] == [1, 2, 3]
-    name, _, values = rec.readings[0]
+    _, _, values = rec.readings[0]
     assert {"temp", "setpoint", "door", "stock_milk", "ts"} <= set(values)
     assert node.stats.acknowledged >= 3 and node.stats.failed == 0
     assert node.stats.codes["2.04"] >= 3 and node.stats.latencies
@@ -100,7 +100,7 @@ async def test_lossy_network_retransmits_and_every_ack_means_stored() -> None:
         node = Node(cfg, Fridge(), seed=3, epoch0=time.time(), impairment=imp, transmission=FAST)
         async with node:
             task = await run_node(node)
-            await wait_for(lambda: node.stats.acknowledged >= 20, timeout=20)
+            await wait_for(lambda: node.stats.acknowledged >= 20, within=20)
             await stop(node, task)
     assert node.stats.retransmissions > 0
     stored = set(rec.seqs("f-lossy"))
