@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import random
 from collections import Counter
 from collections.abc import Callable, Coroutine
@@ -154,7 +155,8 @@ class Node:
         while not await self._busy(self.register()):
             await asyncio.sleep(backoff * self._net_rng.uniform(1.0, 1.5))
             backoff = min(backoff * 2, REGISTER_BACKOFF_MAX)
-        due = loop.time()
+        # Reports stay on the grid loop0 + phase + k * interval, whenever registration ended.
+        due = self._loop0 + cfg.phase
         while not self.stopping:
             self._radio(True)
             await self._busy(self._report_and_refresh(self.epoch(due)))
@@ -165,7 +167,9 @@ class Node:
             due += cfg.interval
             now = loop.time()
             if due < now - cfg.interval:
-                due = now  # far behind (an overloaded loop): skip ahead rather than burst
+                # Far behind (slow registration, an overloaded loop): skip whole slots
+                # rather than burst.
+                due += math.ceil((now - due) / cfg.interval - 1) * cfg.interval
             self._radio(not cfg.sleepy)
             await asyncio.sleep(due - now)
 
