@@ -3,8 +3,9 @@
 Pure functions from values to bytes. A CBOR map carries the measurements by name plus the
 reserved keys ``ts`` (device time, epoch seconds) and ``seq`` (the device's counter, which
 lets the gateway drop a reading it already stored). A SenML pack uses the integer labels of
-RFC 8428 section 6: the first record carries the base name and base time, and the counter
-travels as a record named ``seq``, the same name it has in a CBOR map.
+RFC 8428 section 6: the first record carries the base name and the base time. SenML has no
+field for a counter; a pack with an absolute base time is identified by (name, time), so
+nodes send none, but `encode_senml` can add one as a record named ``seq`` on request.
 """
 
 from __future__ import annotations

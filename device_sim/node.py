@@ -75,6 +75,8 @@ class NodeStats:
     latencies: list[float] = field(default_factory=list)
     #: seq of every reading the gateway acknowledged.
     acked_seqs: list[int] = field(default_factory=list)
+    #: device time (``ts`` / SenML ``bt``) of every reading the gateway acknowledged.
+    acked_times: list[float] = field(default_factory=list)
 
 
 class Node:
@@ -267,12 +269,14 @@ class Node:
             self.state = reported(self.state)
         values = self.model.measurements(self.state)
         self.seq += 1
+        senml = self.config.payload_format == "senml"
         payload, content_format = codec.encode(
             self.config.payload_format,
             values,
             ts=round(now, 3),
-            seq=self.seq,
-            base_name=f"{self.config.name}/",
+            # The gateway identifies a SenML pack by its absolute base time instead.
+            seq=None if senml else self.seq,
+            base_name=f"{self.config.name}:",
             units=self.model.units,
         )
         self.stats.sent += 1
@@ -285,6 +289,7 @@ class Node:
         if code is not None and code.is_successful():
             self.stats.acknowledged += 1
             self.stats.acked_seqs.append(self.seq)
+            self.stats.acked_times.append(round(now, 3))
         else:
             self.stats.failed += 1
         self._notify_observers()

@@ -70,7 +70,8 @@ class Root(resource.Resource, resource.PathCapable):
             if rec.slow:
                 await asyncio.sleep(rec.slow)
             if request.opt.content_format == 112:
-                values, _, seq = decode_senml(request.payload)
+                values, bt, seq = decode_senml(request.payload)
+                values = {**values, "ts": bt}
             else:
                 values = cbor2.loads(request.payload)
                 seq = values.pop("seq", None)

@@ -66,7 +66,9 @@ async def test_sleepy_node_registers_in_queue_mode_with_senml() -> None:
             await stop(node, task)
     assert rec.registrations[0]["query"]["q"] == ""
     _, seq, values = rec.readings[0]
-    assert seq == 1 and set(values) == {"lat", "lon", "speed", "heading", "battery"}
+    assert seq is None  # SenML packs are identified by their absolute base time
+    assert set(values) == {"lat", "lon", "speed", "heading", "battery", "ts"}
+    assert values["ts"] == node.stats.acked_times[0] > 1.6e9
 
 
 async def test_separate_responses_are_awaited() -> None:
