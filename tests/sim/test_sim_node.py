@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 from typing import Any
 
 import aiocoap
@@ -156,3 +157,28 @@ async def test_node_serves_observe_and_takes_commands() -> None:
             )
             await stop(node, task)
     assert node.stats.commands == 2
+
+
+async def _coap_client(*args: str) -> str:
+    proc = await asyncio.create_subprocess_exec(
+        "/usr/bin/coap-client-notls", *args, stdout=asyncio.subprocess.PIPE
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 20)
+    assert proc.returncode == 0
+    return out.decode(errors="replace")
+
+
+@pytest.mark.skipif(not Path("/usr/bin/coap-client-notls").exists(), reason="needs libcoap")
+async def test_libcoap_client_reads_and_writes_a_fridge(tmp_path: Path) -> None:
+    payload = tmp_path / "setpoint.cbor"
+    payload.write_bytes(cbor2.dumps(2.5))
+    async with coap_server() as (gw, rec), fridge_node(gw) as node:
+        task = await run_node(node)
+        await wait_for(lambda: len(rec.readings) >= 1)
+        host, port = node.address
+        base = f"coap://{host}:{port}"
+        links = await _coap_client("-m", "get", f"{base}/.well-known/core")
+        assert '</setpoint>;rt="setpoint"' in links
+        await _coap_client("-m", "put", "-t", "60", "-f", str(payload), f"{base}/setpoint")
+        assert node.state.setpoint == 2.5
+        await stop(node, task)
