@@ -182,3 +182,11 @@ async def test_libcoap_client_reads_and_writes_a_fridge(tmp_path: Path) -> None:
         await _coap_client("-m", "put", "-t", "60", "-f", str(payload), f"{base}/setpoint")
         assert node.state.setpoint == 2.5
         await stop(node, task)
+
+
+async def test_node_refreshes_its_registration_before_the_lifetime_ends() -> None:
+    async with coap_server() as (gw, rec), fridge_node(gw, lifetime=1) as node:
+        task = await run_node(node)
+        await wait_for(lambda: node.stats.refreshes >= 2)
+        await stop(node, task)
+    assert len(rec.registrations) == 1 and rec.registrations[0]["query"]["lt"] == "1"
