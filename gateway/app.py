@@ -1,0 +1,170 @@
+"""The Gateway: one async context manager that owns every long-lived part.
+
+Entering opens the store (migrating it), starts the writer and the background loops in one
+TaskGroup, and finally opens the CoAP socket. Leaving happens in the reverse order with a
+deadline: the socket closes first (no new requests), the writer commits what is in flight,
+the loops are cancelled and awaited, the database is closed. It never hangs: whatever is
+still pending at the deadline is logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections.abc import Callable, Coroutine
+from contextlib import AsyncExitStack
+from types import TracebackType
+from typing import Any
+
+import aiosqlite
+import structlog
+
+from gateway.coap.readings import ReadingsResource
+from gateway.coap.registration import RegistrationCollection, RegistrationEntries
+from gateway.coap.server import CORE_LINKS, CoapServer, GatewaySite
+from gateway.config import GatewayConfig
+from gateway.ingest import Ingest
+from gateway.registry import Registry
+from gateway.store.db import migrate, open_database
+from gateway.store.retention import RetentionPolicy, prune
+from gateway.store.writer import StoreWriter
+
+log = structlog.get_logger(__name__)
+
+SHUTDOWN_DEADLINE = 10.0
+
+
+class Gateway:
+    def __init__(self, config: GatewayConfig, *, clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self._clock = clock
+        self._stack = AsyncExitStack()
+        self._loops: list[asyncio.Task[None]] = []
+        self._writer_task: asyncio.Task[None] | None = None
+        self._tasks: asyncio.TaskGroup | None = None
+
+    # The parts, available once entered.
+    db: aiosqlite.Connection
+    reader: aiosqlite.Connection
+    writer: StoreWriter
+    registry: Registry
+    ingest: Ingest
+    site: GatewaySite
+    coap: CoapServer
+
+    async def __aenter__(self) -> Gateway:
+        try:
+            await self._start()
+        except BaseException:
+            await self._stack.aclose()
+            raise
+        return self
+
+    async def _start(self) -> None:
+        config = self.config
+        stack = self._stack
+        self.db = await open_database(config.store.path, synchronous=config.store.synchronous)
+        stack.push_async_callback(self.db.close)
+        await migrate(self.db)
+        self.reader = await open_database(config.store.path, synchronous=config.store.synchronous)
+        stack.push_async_callback(self.reader.close)
+
+        self.writer = StoreWriter(
+            self.db, max_batch=config.store.max_batch, max_pending=config.store.max_pending
+        )
+        self.registry = Registry(self.writer, clock=self._clock)
+        await self.registry.load(self.db)
+        self.ingest = Ingest(
+            config.ingest, registry=self.registry, writer=self.writer, clock=self._clock
+        )
+
+        self._tasks = await stack.enter_async_context(asyncio.TaskGroup())
+        stack.push_async_callback(self._stop_tasks)
+        self._writer_task = self._tasks.create_task(self.writer.run(), name="store.writer")
+        self._spawn(self._expiry_loop(), "registry.expiry")
+        retention = RetentionPolicy(
+            max_age_seconds=config.store.retention_days * 86_400,
+            max_rows=config.store.retention_max_rows,
+        )
+        if retention.enabled:
+            self._spawn(self._retention_loop(retention), "store.retention")
+
+        self.site = self._build_site()
+        self.coap = await stack.enter_async_context(
+            CoapServer(self.site, bind=config.server.bind, port=config.server.port)
+        )
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None], name: str) -> None:
+        assert self._tasks is not None
+        self._loops.append(self._tasks.create_task(coroutine, name=name))
+
+    def _build_site(self) -> GatewaySite:
+        site = GatewaySite()
+        rd, readings = CORE_LINKS
+        site.add(("rd",), RegistrationCollection(self.registry, self.config.registry), rd)
+        site.add(("rd",), RegistrationEntries(self.registry, self.config.registry))
+        site.add(("r",), ReadingsResource(self.ingest, self.reader), readings)
+        return site
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self._stack.aclose()
+
+    async def _stop_tasks(self) -> None:
+        try:
+            await asyncio.wait_for(self.writer.close(), SHUTDOWN_DEADLINE)
+        except TimeoutError:
+            log.error("gateway.shutdown_timeout", pending_writes=self.writer.pending)
+            if self._writer_task is not None:
+                self._writer_task.cancel()
+        for task in self._loops:
+            task.cancel()
+
+    async def _expiry_loop(self) -> None:
+        interval = self.config.registry.expiry_interval
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.registry.expire()
+            except Exception:
+                log.exception("registry.expiry_failed")
+
+    async def _retention_loop(self, policy: RetentionPolicy) -> None:
+        while True:
+            try:
+                deleted = await prune(self.writer, policy, now=self._clock())
+                if deleted:
+                    log.info("store.pruned", readings=deleted)
+            except Exception:
+                log.exception("store.prune_failed")
+            await asyncio.sleep(self.config.store.prune_interval)
+
+
+async def serve(config: GatewayConfig, *, ready: Callable[[Gateway], None] | None = None) -> None:
+    """Run the gateway until SIGINT or SIGTERM."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        async with Gateway(config) as gateway:
+            log.info(
+                "gateway.started",
+                bind=config.server.bind,
+                port=config.server.port,
+                db=config.store.path,
+                devices=len(gateway.registry),
+            )
+            if ready is not None:
+                ready(gateway)
+            await stop.wait()
+            log.info("gateway.stopping")
+        log.info("gateway.stopped", readings=gateway.writer.stats.readings)
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)

@@ -1,0 +1,216 @@
+"""Outbox delivery states, retry arithmetic and batch planning. Pure: no I/O, no clock.
+
+Every outbox row is one message for one sink. Its state moves only along `TRANSITIONS`;
+the store asks `check_transition` before it writes a new state, so an illegal move is a bug
+that raises instead of a row that silently changes meaning.
+
+Retries live in the database (`attempt`, `next_attempt_at`); this module only computes
+them. `plan_batch` decides which rows a sink worker may send now without letting a later
+message of a device overtake an earlier one that is still waiting for its retry.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+from gateway.errors import GatewayError
+
+
+class DeliveryState(enum.StrEnum):
+    PENDING = "pending"
+    IN_FLIGHT = "in_flight"
+    DELIVERED = "delivered"
+    DEAD = "dead"
+
+
+_S = DeliveryState
+
+#: The only allowed moves. pending -> dead is the age limit (or an entry that cannot be
+#: encoded) found before sending; in_flight -> pending is a retry or a release after
+#: cancellation; dead -> pending is an operator's replay.
+TRANSITIONS: Mapping[DeliveryState, frozenset[DeliveryState]] = {
+    _S.PENDING: frozenset({_S.IN_FLIGHT, _S.DEAD}),
+    _S.IN_FLIGHT: frozenset({_S.DELIVERED, _S.PENDING, _S.DEAD}),
+    _S.DELIVERED: frozenset(),
+    _S.DEAD: frozenset({_S.PENDING}),
+}
+
+
+class IllegalTransitionError(GatewayError):
+    """A state move that `TRANSITIONS` does not allow."""
+
+    def __init__(self, current: DeliveryState, target: DeliveryState) -> None:
+        super().__init__(f"outbox entry cannot move from {current} to {target}")
+        self.current = current
+        self.target = target
+
+
+def check_transition(current: DeliveryState, target: DeliveryState) -> DeliveryState:
+    """Return `target` if the move is allowed, else raise `IllegalTransitionError`."""
+    if target not in TRANSITIONS[current]:
+        raise IllegalTransitionError(current, target)
+    return target
+
+
+class Random(Protocol):
+    """The part of `random.Random` the backoff needs; tests pass a seeded one."""
+
+    def random(self) -> float: ...
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Capped exponential backoff with jitter, and when to give up.
+
+    `attempt` counts attempts already made (1 after the first failure). The delay before the
+    next attempt is `min(max_delay, base_delay * factor ** (attempt - 1))`, then reduced by a
+    random fraction of at most `jitter`, so it never exceeds the cap and retries of many
+    entries spread out instead of arriving together. `max_attempts` and `max_age` of 0 mean
+    no limit.
+    """
+
+    base_delay: float = 1.0
+    factor: float = 2.0
+    max_delay: float = 300.0
+    jitter: float = 0.2
+    max_attempts: int = 10
+    max_age: float = 86_400.0
+
+    def __post_init__(self) -> None:
+        if not (self.base_delay > 0 and math.isfinite(self.base_delay)):
+            raise ValueError("base_delay must be a positive number")
+        if not self.factor >= 1:
+            raise ValueError("factor must be at least 1")
+        if not self.max_delay >= self.base_delay:
+            raise ValueError("max_delay must be at least base_delay")
+        if not 0 <= self.jitter <= 1:
+            raise ValueError("jitter must be within 0..1")
+        if self.max_attempts < 0:
+            raise ValueError("max_attempts must not be negative")
+        if not self.max_age >= 0:
+            raise ValueError("max_age must not be negative")
+
+    def delay(self, attempt: int) -> float:
+        """The backoff before the next attempt, without jitter."""
+        exponent = max(attempt, 1) - 1
+        try:
+            raw = self.base_delay * self.factor**exponent
+        except OverflowError:
+            raw = math.inf
+        return min(self.max_delay, raw)
+
+    def next_attempt_at(self, attempt: int, now: float, rng: Random) -> float:
+        """When an entry that has failed `attempt` times may be tried again."""
+        delay = self.delay(attempt)
+        return now + delay * (1.0 - self.jitter * rng.random())
+
+    def should_dead_letter(self, attempt: int, first_at: float, now: float) -> bool:
+        """True once `attempt` attempts have failed or the entry is older than `max_age`."""
+        if self.max_attempts and attempt >= self.max_attempts:
+            return True
+        return bool(self.max_age) and now - first_at >= self.max_age
+
+
+class Outcome(enum.StrEnum):
+    """What the sink said about one delivery."""
+
+    CONFIRMED = "confirmed"
+    TRANSIENT = "transient"
+    PERMANENT = "permanent"
+
+
+@dataclass(frozen=True)
+class Settlement:
+    """The new state of an entry after an attempt; the store writes exactly this."""
+
+    state: DeliveryState
+    attempt: int
+    next_attempt_at: float | None
+    #: Why the entry went to the dead letters ("permanent", "max_attempts", "max_age").
+    reason: str | None = None
+
+
+def settle(
+    outcome: Outcome,
+    *,
+    attempt: int,
+    first_at: float,
+    policy: RetryPolicy,
+    now: float,
+    rng: Random,
+) -> Settlement:
+    """Decide what happens to an in-flight entry; `attempt` counts earlier failed attempts."""
+    made = attempt + 1
+    if outcome is Outcome.CONFIRMED:
+        return Settlement(check_transition(_S.IN_FLIGHT, _S.DELIVERED), made, None)
+    dead = check_transition(_S.IN_FLIGHT, _S.DEAD)
+    if outcome is Outcome.PERMANENT:
+        return Settlement(dead, made, None, "permanent")
+    if policy.max_attempts and made >= policy.max_attempts:
+        return Settlement(dead, made, None, "max_attempts")
+    if policy.should_dead_letter(made, first_at, now):
+        return Settlement(dead, made, None, "max_age")
+    retry_at = policy.next_attempt_at(made, now, rng)
+    return Settlement(check_transition(_S.IN_FLIGHT, _S.PENDING), made, retry_at)
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxRow:
+    """What the planner needs to know about one outbox entry of one sink.
+
+    `id` grows in commit order, so sorting by it is the order readings were stored.
+    """
+
+    id: int
+    device: str
+    state: DeliveryState
+    next_attempt_at: float
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    #: Entries to claim (pending -> in_flight) and send now, in id order.
+    send: tuple[OutboxRow, ...]
+    #: Earliest time a currently blocked or waiting entry becomes due, if any.
+    wake_at: float | None
+
+
+def plan_batch(rows: Iterable[OutboxRow], *, now: float, limit: int) -> BatchPlan:
+    """Pick at most `limit` due pending entries, keeping each device's order.
+
+    For every device the chosen entries are a prefix of its unfinished entries (pending or
+    in flight) in id order: an entry that is in flight, or pending but not yet due, blocks
+    every later entry of the same device. Delivered and dead entries block nothing.
+
+    The caller passes a window of unfinished entries in id order (for example the first N);
+    since a blocker always precedes what it blocks, a window that starts at the oldest
+    unfinished entry never lets a row slip past a blocker outside it.
+    """
+    if limit < 1:
+        raise ValueError("limit must be at least 1")
+    blocked: set[str] = set()
+    send: list[OutboxRow] = []
+    wake_at: float | None = None
+    for row in sorted(rows, key=lambda r: r.id):
+        if row.state in (_S.DELIVERED, _S.DEAD):
+            continue
+        if row.device in blocked:
+            continue
+        if row.state is _S.IN_FLIGHT:
+            blocked.add(row.device)
+            continue
+        if row.next_attempt_at > now:
+            blocked.add(row.device)
+            wake_at = row.next_attempt_at if wake_at is None else min(wake_at, row.next_attempt_at)
+            continue
+        if len(send) < limit:
+            send.append(row)
+        else:
+            # The batch is full; the worker comes back at once, so nothing to wait for.
+            wake_at = now if wake_at is None else min(wake_at, now)
+            blocked.add(row.device)
+    return BatchPlan(tuple(send), wake_at)

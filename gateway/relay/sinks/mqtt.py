@@ -1,0 +1,140 @@
+"""MQTT sink (aiomqtt): one publish per message, confirmed by PUBACK at QoS 1.
+
+The connection is opened lazily by `publish` and dropped on any failure, so the next batch
+reconnects; nothing here sleeps or loops. A batch is pipelined on one connection: every
+PUBLISH is handed to the client in batch order (TCP and the broker keep that order) and
+then all PUBACKs are awaited, bounded by the sink's timeout.
+
+QoS 0 confirms once the message is written to the socket: at-most-once beyond this point.
+MQTT 5 adds the content type and a `message-id` user property to each PUBLISH. aiomqtt
+does not surface MQTT 5 PUBACK reason codes, so a broker that acknowledges but refuses a
+message (an ACL, a quota) is not detected; use broker-side logging for that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+from collections.abc import Sequence
+from types import TracebackType
+from typing import Self
+from urllib.parse import urlsplit
+
+import aiomqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from gateway.errors import SinkError, TransientSinkError
+from gateway.relay.config import SinkConfig
+from gateway.relay.envelope import mqtt_safe, render_template
+from gateway.relay.sinks.base import Delivery, Result, SinkBase
+
+
+def tls_context(config: SinkConfig) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=config.ca_file)
+    if config.cert_file:
+        context.load_cert_chain(config.cert_file, config.key_file)
+    return context
+
+
+class MqttSink(SinkBase):
+    def __init__(self, config: SinkConfig) -> None:
+        super().__init__(config.name)
+        self._config = config
+        url = urlsplit(config.url)
+        self._tls = config.tls or url.scheme == "mqtts"
+        self._host = url.hostname or "localhost"
+        self._port = url.port or (8883 if self._tls else 1883)
+        versions = aiomqtt.ProtocolVersion
+        self._protocol = versions.V5 if config.mqtt_version == "5" else versions.V311
+        self._client: aiomqtt.Client | None = None
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self._disconnect()
+
+    def topic(self, delivery: Delivery) -> str:
+        return render_template(self._config.topic, delivery.message, mqtt_safe)
+
+    async def _connect(self) -> aiomqtt.Client:
+        if self._client is not None:
+            return self._client
+        config = self._config
+        client = aiomqtt.Client(
+            self._host,
+            self._port,
+            username=config.username,
+            password=config.password,
+            identifier=config.client_id,
+            protocol=self._protocol,
+            timeout=config.timeout,
+            tls_context=tls_context(config) if self._tls else None,
+        )
+        try:
+            await asyncio.wait_for(client.__aenter__(), config.timeout)
+        except (aiomqtt.MqttError, OSError, TimeoutError) as exc:
+            where = f"{self._host}:{self._port}"
+            raise self.down(self.transient(f"cannot connect to {where}: {exc!r}")) from exc
+        self._client = client
+        self._connected = True
+        self._log.info("sink.connected", host=self._host, port=self._port)
+        return client
+
+    async def _disconnect(self) -> None:
+        client, self._client = self._client, None
+        self._connected = False
+        if client is not None:
+            # A dead connection cannot say goodbye; do not wait long for it.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(client.__aexit__(None, None, None), 1.0)
+
+    def _properties(self, delivery: Delivery) -> Properties | None:
+        if self._protocol is not aiomqtt.ProtocolVersion.V5:
+            return None
+        properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+        properties.ContentType = delivery.encoding.content_type
+        properties.UserProperty = [("message-id", delivery.message_id)]
+        return properties
+
+    async def _publish_one(self, client: aiomqtt.Client, delivery: Delivery) -> None:
+        # Encoding before any await keeps the PUBLISH calls in batch order.
+        body = self.body(delivery)
+        try:
+            await client.publish(
+                self.topic(delivery),
+                body,
+                qos=self._config.qos,
+                retain=self._config.retain,
+                properties=self._properties(delivery),
+                timeout=self._config.timeout,
+            )
+        except ValueError as exc:  # paho refuses the message itself (size, topic)
+            raise self.permanent(f"broker cannot take {delivery.message_id}: {exc}") from exc
+        except (aiomqtt.MqttError, OSError) as exc:
+            raise self.transient(f"publish failed: {exc}", delivery) from exc
+
+    async def publish(self, batch: Sequence[Delivery]) -> Sequence[Result]:
+        client = await self._connect()
+        outcomes = await asyncio.gather(
+            *(self._publish_one(client, d) for d in batch), return_exceptions=True
+        )
+        results: list[Result] = []
+        for outcome in outcomes:
+            if isinstance(outcome, SinkError):
+                results.append(outcome)
+            elif isinstance(outcome, BaseException):
+                raise outcome
+            else:
+                results.append(None)
+        if any(isinstance(r, TransientSinkError) for r in results):
+            # Lost PUBACKs mean a broken connection; start afresh next time.
+            await self._disconnect()
+        return self.record(results)

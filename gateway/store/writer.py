@@ -1,0 +1,230 @@
+"""The single writer: every change to the database goes through here, in group commits.
+
+Concurrent requests are gathered into one transaction, so durability costs one fsync per
+batch rather than per request; each request's future is resolved only after COMMIT returns,
+which is what lets the CoAP layer answer 2.04 for a reading that is on disk. Listeners are
+told of the committed readings after the commit, never before.
+
+The queue is bounded: when `max_pending` requests wait, `submit` refuses with
+`OverloadedError` (5.03 with Max-Age) instead of growing without limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import aiosqlite
+import structlog
+
+from gateway.core.model import Device, StoredReading, value_from_row, value_kind
+from gateway.core.readings import Measurement
+from gateway.errors import OverloadedError, StoreError
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+TransactionOp = Callable[[aiosqlite.Connection], Awaitable[Any]]
+CommitListener = Callable[[Sequence[StoredReading]], None]
+
+#: Seconds a refused device is told to wait before retrying (Max-Age of the 5.03).
+OVERLOAD_RETRY_AFTER = 5
+
+INSERT_READING = (
+    "INSERT OR IGNORE INTO readings"
+    " (device_id, measurement, value, kind, unit, device_time, received_at, seq, dedup_key)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ReadingBatch:
+    """Measurements of one request from one device."""
+
+    device: Device
+    measurements: Sequence[Measurement]
+    received_at: float
+    address: str | None
+
+
+@dataclass(slots=True)
+class _Job:
+    future: asyncio.Future[Any]
+    readings: ReadingBatch | None = None
+    op: TransactionOp | None = None
+
+
+@dataclass(slots=True)
+class WriterStats:
+    batches: int = 0
+    jobs: int = 0
+    readings: int = 0
+    duplicates: int = 0
+    refused: int = 0
+    largest_batch: int = 0
+    pending: int = field(default=0)
+
+
+class StoreWriter:
+    def __init__(
+        self,
+        conn: aiosqlite.Connection,
+        *,
+        max_batch: int = 512,
+        max_pending: int = 10_000,
+    ) -> None:
+        if max_batch < 1 or max_pending < 1:
+            raise ValueError("max_batch and max_pending must be positive")
+        self._conn = conn
+        self._max_batch = max_batch
+        self._queue: asyncio.Queue[_Job] = asyncio.Queue(maxsize=max_pending)
+        self._listeners: list[CommitListener] = []
+        self._closing = False
+        self._last_reading_id = 0
+        self.stats = WriterStats()
+
+    def add_commit_listener(self, listener: CommitListener) -> None:
+        self._listeners.append(listener)
+
+    @property
+    def pending(self) -> int:
+        return self._queue.qsize()
+
+    async def insert_readings(self, batch: ReadingBatch) -> None:
+        """Store the measurements; returns once they are committed (duplicates are no-ops)."""
+        await self._submit(_Job(asyncio.get_running_loop().create_future(), readings=batch))
+
+    async def transaction(self, op: Callable[[aiosqlite.Connection], Awaitable[T]]) -> T:
+        """Run `op` inside a write transaction shared with other requests; its result."""
+        result: T = await self._submit(_Job(asyncio.get_running_loop().create_future(), op=op))
+        return result
+
+    async def _submit(self, job: _Job) -> Any:
+        if self._closing:
+            raise OverloadedError("gateway is shutting down", max_age=OVERLOAD_RETRY_AFTER)
+        try:
+            self._queue.put_nowait(job)
+        except asyncio.QueueFull:
+            self.stats.refused += 1
+            log.warning("store.overloaded", pending=self._queue.qsize())
+            raise OverloadedError(
+                "store queue full, retry later", max_age=OVERLOAD_RETRY_AFTER
+            ) from None
+        return await job.future
+
+    async def run(self) -> None:
+        """Commit batches until closed and drained. Run it as one long-lived task."""
+        async with self._conn.execute("SELECT coalesce(max(id), 0) FROM readings") as cursor:
+            row = await cursor.fetchone()
+        self._last_reading_id = int(row[0]) if row else 0
+        while not (self._closing and self._queue.empty()):
+            jobs = [await self._queue.get()]
+            while len(jobs) < self._max_batch and not self._queue.empty():
+                jobs.append(self._queue.get_nowait())
+            # Shielded: a cancelled gateway still finishes the transaction it started, so a
+            # request is never left not knowing whether it was committed.
+            await asyncio.shield(self._commit_batch(jobs))
+
+    async def close(self) -> None:
+        """Refuse new work and return when everything already queued is committed."""
+        self._closing = True
+        marker = _Job(asyncio.get_running_loop().create_future())
+        await self._queue.put(marker)  # FIFO: done once every earlier job is committed
+        await marker.future
+
+    async def _commit_batch(self, jobs: list[_Job]) -> None:
+        live = [job for job in jobs if not job.future.done()]
+        if not live:
+            return
+        self.stats.batches += 1
+        self.stats.jobs += len(live)
+        self.stats.largest_batch = max(self.stats.largest_batch, len(live))
+        try:
+            results, committed = await self._apply(live)
+        except sqlite3.Error as exc:
+            log.error("store.batch_failed", jobs=len(live), error=str(exc))
+            # Retry one by one, so one bad request cannot fail the others.
+            for job in live if len(live) > 1 else []:
+                await self._commit_batch([job])
+            if len(live) == 1 and not live[0].future.done():
+                live[0].future.set_exception(StoreError(f"database write failed: {exc}"))
+            return
+        for job, result in zip(live, results, strict=True):
+            if not job.future.done():
+                job.future.set_result(result)
+        if committed:
+            for listener in self._listeners:
+                try:
+                    listener(committed)
+                except Exception:
+                    log.exception("store.listener_failed", listener=repr(listener))
+
+    async def _apply(self, jobs: list[_Job]) -> tuple[list[Any], list[StoredReading]]:
+        conn = self._conn
+        await conn.execute("BEGIN IMMEDIATE")
+        try:
+            results: list[Any] = []
+            for job in jobs:
+                results.append(await job.op(conn) if job.op is not None else None)
+            batches = [job.readings for job in jobs if job.readings is not None]
+            committed = await self._insert(batches) if batches else []
+            await conn.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):  # no transaction left to roll back
+                await conn.execute("ROLLBACK")
+            raise
+        if committed:
+            self._last_reading_id = committed[-1].id
+        submitted = sum(len(batch.measurements) for batch in batches)
+        self.stats.readings += len(committed)
+        self.stats.duplicates += submitted - len(committed)
+        return results, committed
+
+    async def _insert(self, batches: list[ReadingBatch]) -> list[StoredReading]:
+        rows = [
+            (
+                batch.device.id,
+                m.name,
+                m.value,
+                value_kind(m.value),
+                m.unit,
+                m.time,
+                batch.received_at,
+                m.seq,
+                m.key,
+            )
+            for batch in batches
+            for m in batch.measurements
+        ]
+        await self._conn.executemany(INSERT_READING, rows)
+        last_seen: dict[int, tuple[float, str | None]] = {}
+        for batch in batches:
+            last_seen[batch.device.id] = (batch.received_at, batch.address)
+        await self._conn.executemany(
+            "UPDATE devices SET last_seen = ?, address = coalesce(?, address) WHERE id = ?",
+            [(seen, address, device_id) for device_id, (seen, address) in last_seen.items()],
+        )
+        devices = {batch.device.id: batch.device for batch in batches}
+        async with self._conn.execute(
+            "SELECT id, device_id, measurement, value, kind, unit, device_time, received_at, seq"
+            " FROM readings WHERE id > ? ORDER BY id",
+            (self._last_reading_id,),
+        ) as cursor:
+            fetched = await cursor.fetchall()
+        return [
+            StoredReading(
+                id=row[0],
+                device=devices[row[1]],
+                measurement=row[2],
+                value=value_from_row(row[3], row[4]),
+                unit=row[5],
+                device_time=row[6],
+                received_at=row[7],
+                seq=row[8],
+            )
+            for row in fetched
+        ]

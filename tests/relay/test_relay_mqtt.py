@@ -1,0 +1,114 @@
+"""The MQTT sink against a real mosquitto, read back by a real subscriber."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import pytest
+
+from gateway.errors import TransientSinkError
+from gateway.relay.config import SinkConfig
+from gateway.relay.envelope import Encoding, decode
+from gateway.relay.sinks.base import publish_batch
+from gateway.relay.sinks.mqtt import MqttSink
+from tests.relay.brokers import Mosquitto, free_port
+from tests.relay.messages import deliveries
+
+
+def sink_config(url: str, **kw: object) -> SinkConfig:
+    kw.setdefault("timeout", 2.0)
+    return SinkConfig(name="mqtt", type="mqtt", url=url, **kw)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+async def subscriber(mosquitto: Mosquitto) -> AsyncIterator[aiomqtt.Client]:
+    async with aiomqtt.Client(
+        "127.0.0.1", mosquitto.port, protocol=aiomqtt.ProtocolVersion.V5
+    ) as client:
+        await client.subscribe("coap-gw/#", qos=1)
+        yield client
+
+
+async def receive(client: aiomqtt.Client, count: int) -> list[aiomqtt.Message]:
+    received: list[aiomqtt.Message] = []
+    async with asyncio.timeout(5):
+        async for msg in client.messages:
+            received.append(msg)
+            if len(received) == count:
+                break
+    return received
+
+
+@pytest.mark.parametrize("version", ["3.1.1", "5"])
+async def test_batch_arrives_in_order_on_the_templated_topics(
+    mosquitto: Mosquitto, subscriber: aiomqtt.Client, version: str
+) -> None:
+    batch = deliveries(4, devices=("fridge-1", "fridge/2"), encoding=Encoding.CBOR)
+    async with MqttSink(sink_config(mosquitto.url, mqtt_version=version)) as sink:
+        assert await publish_batch(sink, batch) == [None] * 4
+        assert sink.connected
+    got = await receive(subscriber, 4)
+    assert [str(m.topic) for m in got] == [
+        "coap-gw/gw1/fridge/fridge-1/readings",
+        "coap-gw/gw1/fridge/fridge_2/readings",
+    ] * 2
+    messages = [decode(m.payload, Encoding.CBOR) for m in got]
+    assert [m.message_id for m in messages] == ["r-1", "r-2", "r-3", "r-4"]
+    assert messages[0] == batch[0].message
+    if version == "5":
+        properties: Any = got[0].properties
+        assert properties is not None
+        assert properties.ContentType == "application/cbor"
+        assert ("message-id", "r-1") in properties.UserProperty
+
+
+async def test_retain_and_custom_topic(mosquitto: Mosquitto) -> None:
+    config = sink_config(mosquitto.url, retain=True, topic="plant/{device}/{kind}/{id}", qos=0)
+    async with MqttSink(config) as sink:
+        assert await publish_batch(sink, deliveries(1)) == [None]
+    # A subscriber that comes later still gets the retained message.
+    async with aiomqtt.Client("127.0.0.1", mosquitto.port) as late:
+        await late.subscribe("plant/#")
+        (msg,) = await receive(late, 1)
+    assert str(msg.topic) == "plant/fridge-1/reading/r-1" and msg.retain
+
+
+async def test_gateway_starts_without_broker_and_catches_up(tmp_path: Path) -> None:
+    broker = Mosquitto(tmp_path)
+    async with MqttSink(sink_config(broker.url)) as sink:  # nothing listens yet: no error
+        started = time.monotonic()
+        results = await publish_batch(sink, deliveries(2))
+        assert all(isinstance(r, TransientSinkError) for r in results)
+        assert time.monotonic() - started < 3
+        assert not sink.connected and sink.last_error is not None
+        broker.start()
+        try:
+            assert await publish_batch(sink, deliveries(2)) == [None, None]
+            assert sink.connected and sink.last_error is None
+        finally:
+            broker.stop()
+
+
+async def test_broker_going_away_is_transient_and_recovered(mosquitto: Mosquitto) -> None:
+    async with MqttSink(sink_config(mosquitto.url, timeout=1.0)) as sink:
+        assert await publish_batch(sink, deliveries(1)) == [None]
+        mosquitto.stop()
+        started = time.monotonic()
+        results = await publish_batch(sink, deliveries(3))
+        assert all(isinstance(r, TransientSinkError) for r in results)
+        assert time.monotonic() - started < 3  # bounded by the timeout, never a hang
+        mosquitto.start()
+        assert await publish_batch(sink, deliveries(3)) == [None] * 3
+
+
+async def test_unreachable_port_is_transient() -> None:
+    url = f"mqtt://127.0.0.1:{free_port()}"
+    async with MqttSink(sink_config(url)) as sink:
+        (result,) = await publish_batch(sink, deliveries(1))
+    assert isinstance(result, TransientSinkError)
+    assert "cannot connect" in str(result) and result.sink == "mqtt"
