@@ -147,11 +147,6 @@ async def test_lossy_duplicating_network_every_ack_stored_exactly_once(
                 assert set(node.stats.acked_seqs) <= set(seqs), (node.config.name, measurement)
 
 
-@pytest.mark.xfail(
-    reason="the gateway resolves SenML names as bn + n and keeps the device's own 'NAME:' base"
-    " name in the measurement name",
-    strict=False,
-)
 async def test_senml_readings_are_stored_under_their_measurement_names(
     gateway: tuple[Addr, Path], sim_fleet: StartFleet
 ) -> None:
