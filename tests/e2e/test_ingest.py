@@ -215,3 +215,51 @@ async def test_get_unknown_device_and_unacceptable_format(
     assert (
         await get(coap_client, f"{gateway_url}/r/fridge-3", accept=0)
     ).code == Code.NOT_ACCEPTABLE
+
+
+async def test_dual_stack_bind_serves_ipv4_and_ipv6(tmp_path: Path) -> None:
+    config = gateway_config(tmp_path, server={"bind": "::"})
+    port = config.server.port
+    async with Gateway(config):
+        client = await aiocoap.Context.create_client_context(transports=["udp6"])
+        try:
+            for host in ("127.0.0.1", "[::1]"):
+                url = f"coap://{host}:{port}"
+                await register(client, url, f"dev-{len(host)}", "generic")
+                response = await post(client, url, f"r/dev-{len(host)}", cbor2.dumps({"x": 1}))
+                assert response.code == Code.CHANGED
+        finally:
+            await client.shutdown()
+
+
+async def test_export_csv_and_json(
+    gateway: Gateway, gateway_url: str, coap_client: aiocoap.Context, tmp_path: Path
+) -> None:
+    await register(coap_client, gateway_url, "exp", "tracker")
+    for seq in range(5):
+        payload = cbor2.dumps({"battery": 90 - seq, "seq": seq})
+        assert (await post(coap_client, gateway_url, "r/exp", payload)).code == Code.CHANGED
+    db = gateway.config.store.path
+    out = tmp_path / "out.csv"
+    await cli("readings", "export", "--format", "csv", "-o", str(out), "--db", db)
+    lines = out.read_text().splitlines()
+    assert lines[0].startswith("id,device,device_type,measurement,value")
+    assert len(lines) == 6 and lines[-1].split(",")[4] == "86"
+    result = await asyncio.to_thread(
+        CliRunner().invoke, main, ["readings", "export", "--format", "json", "--db", db]
+    )
+    records = [json.loads(line) for line in result.output.splitlines()]
+    assert [r["value"] for r in records] == [90, 89, 88, 87, 86]
+
+
+async def test_cli_exit_codes(gateway: Gateway) -> None:
+    db = gateway.config.store.path
+    runner = CliRunner()
+    missing = await asyncio.to_thread(runner.invoke, main, ["devices", "show", "nope", "--db", db])
+    assert missing.exit_code == 3
+    no_db = await asyncio.to_thread(
+        runner.invoke, main, ["devices", "list", "--db", "/nonexistent/x.db"]
+    )
+    assert no_db.exit_code == 1 and "database not found" in no_db.output
+    usage = await asyncio.to_thread(runner.invoke, main, ["readings", "list", "--limit", "0"])
+    assert usage.exit_code == 2
