@@ -1,22 +1,40 @@
-"""Rules in a running gateway: readings over real CoAP, an injected clock, the example rules."""
+"""Rules in a running gateway: readings over real CoAP, an injected clock, the example rules.
+
+The devices are the simulator's models (device_sim.models), stepped on the test's clock with
+a seeded random source; the faults (a door left open, a lamp failing, milk running out) are
+set through the models' own parameters.
+"""
 
 from __future__ import annotations
 
 import json
+import math
+import random
+from dataclasses import replace
 from typing import Any
 
 import aiocoap
 import cbor2
 from aiocoap.numbers.codes import Code
 
+from device_sim.models import Fridge, FridgeState, StreetLight, Tracker
 from gateway.app import Gateway
+from gateway.core import geo
 from gateway.store import alerts as store
 from tests.rules.conftest import T0, Clock, Devices
 from tests.rules.observe import observing
-from tests.rules.physics import Fridge, move
 from tests.support.gateway import base_url, wait_until
 
-HOME = (52.52, 13.405)  # the example geofence's centre
+HOME = (52.52, 13.405)  # the example geofence's centre, and the simulated trackers' start
+#: Items the fridge keeps; nobody uses any unless a test says so.
+UNUSED = {"milk": (4, 0.0), "eggs": (12, 0.0), "butter": (2, 0.0)}
+
+
+def fridge_reading(model: Fridge, state: FridgeState) -> dict[str, Any]:
+    """The model's measurements with a little sensor noise, which must not cause storms."""
+    values = model.measurements(state)
+    values["temp"] = round(float(values["temp"]) + 0.3 * math.sin(state.t / 7.0), 2)
+    return values
 
 
 def alert_events(relayed: list[dict[str, Any]], rule: str) -> list[str]:
@@ -31,27 +49,29 @@ async def test_fridge_door_left_open_raises_one_alert_cleared_when_cold_again(
     devices: Devices, rules_gateway: Gateway, coap_client: aiocoap.Context, relayed: list[Any]
 ) -> None:
     await devices.register("kitchen", "fridge")
-    fridge = Fridge(t=T0)
+    # No one opens the door, except the test once; left open, it is noticed after 20 min.
+    model = Fridge(door_rate=0.0, stuck_for=1200.0, items=UNUSED)
+    rng = random.Random(7)
+    state = model.initial(T0, rng)
     url = base_url(rules_gateway.config)
     async with observing(coap_client, f"{url}/alerts") as alerts:
         assert alerts.latest == []
         t = T0
         for _ in range(20):  # ten quiet minutes
             t += 30
-            fridge.step(t)
-            await devices.send("kitchen", fridge.measurements(), at=t)
+            state, _ = model.step(state, t, rng)
+            await devices.send("kitchen", fridge_reading(model, state), at=t)
         opened = t
-        fridge.open_door(opened)
-        for _ in range(40):  # the door stays open for twenty minutes
+        state = replace(state, door_open=True, door_opened_at=t, door_closes_at=None)
+        closed = None
+        for _ in range(120):  # twenty minutes open, then forty to cool down again
             t += 30
-            fridge.step(t)
-            await devices.send("kitchen", fridge.measurements(), at=t)
-        closed = t
-        fridge.close_door()
-        for _ in range(80):  # forty minutes to cool down again
-            t += 30
-            fridge.step(t)
-            await devices.send("kitchen", fridge.measurements(), at=t)
+            state, events = model.step(state, t, rng)
+            if any(event.kind == "door.closed" for event in events):
+                closed = event_time = next(e.at for e in events if e.kind == "door.closed")
+                assert event_time <= t
+            await devices.send("kitchen", fridge_reading(model, state), at=t)
+        assert closed is not None
         await wait_until(lambda: alerts.latest == [])
         seen_open = {alert["rule"] for document in alerts.documents for alert in document}
 
@@ -88,27 +108,31 @@ async def test_milk_running_out_is_on_the_observed_list_until_restocked(
     devices: Devices, rules_gateway: Gateway, coap_client: aiocoap.Context, relayed: list[Any]
 ) -> None:
     await devices.register("pantry", "fridge")
-    fridge = Fridge(t=T0)
+    # Milk goes fast (a pint a minute on average); the fridge restocks it ten minutes after
+    # it is down to one.
+    model = Fridge(
+        door_rate=0.0, items={**UNUSED, "milk": (4, 60.0)}, restock_below=1, restock_delay=600
+    )
+    rng = random.Random(3)
+    state = model.initial(T0, rng)
     url = base_url(rules_gateway.config)
     t = T0
+    levels: list[int] = []
     async with observing(coap_client, f"{url}/lists/pantry") as observed:
         assert observed.latest == {"list": "pantry", "items": []}
-        for milk in (4, 3, 2):  # the example's minimum for milk is 2
+        while not levels or levels[-1] >= 2:  # the example's minimum for milk is 2
+            assert t < T0 + 3600, "the milk never ran low"
             t += 60
-            fridge.stock["milk"] = milk
-            fridge.step(t)
-            await devices.send("pantry", fridge.measurements(), at=t)
-        assert observed.latest["items"] == []
-        t += 60
-        fridge.stock["milk"] = 1
-        fridge.step(t)
-        await devices.send("pantry", fridge.measurements(), at=t)
+            state, _ = model.step(state, t, rng)
+            levels.append(state.stock_of("milk"))
+            await devices.send("pantry", model.measurements(state), at=t)
+        low_at = t
         await wait_until(lambda: observed.latest["items"] != [])
         (item,) = observed.latest["items"]
         assert item["item"] == "milk"
-        assert (item["level"], item["minimum"]) == (1, 2)
-        assert item["levels"] == {"pantry": 1}
-        assert item["added_at"] == t
+        assert (item["level"], item["minimum"]) == (levels[-1], 2)
+        assert item["levels"] == {"pantry": levels[-1]}
+        assert item["added_at"] == low_at
 
         # GET /lists names the list; JSON on request.
         response = await coap_client.request(
@@ -117,17 +141,19 @@ async def test_milk_running_out_is_on_the_observed_list_until_restocked(
         assert response.code == Code.CONTENT, (response.code, response.payload)
         assert json.loads(response.payload) == ["pantry"]
 
-        t += 60
-        fridge.stock["milk"] = 4
-        fridge.step(t)
-        await devices.send("pantry", fridge.measurements(), at=t)
+        while levels[-1] < 2:  # until the restock arrives
+            assert t < low_at + 1800, "the milk was never restocked"
+            t += 60
+            state, _ = model.step(state, t, rng)
+            levels.append(state.stock_of("milk"))
+            await devices.send("pantry", model.measurements(state), at=t)
         await wait_until(lambda: observed.latest["items"] == [])
 
     changes = [c["body"] for c in relayed if c["kind"] == "event"]
-    assert [(c["event"], c["item"], c["level"]) for c in changes] == [
-        ("shopping_list.added", "milk", 1),
-        ("shopping_list.removed", "milk", 4),
-    ]
+    first, last = changes[0], changes[-1]
+    assert (first["event"], first["item"]) == ("shopping_list.added", "milk")
+    assert (last["event"], last["level"]) == ("shopping_list.removed", levels[-1])
+    assert all(c["event"] == "shopping_list.updated" for c in changes[1:-1])
     assert await store.list_items(rules_gateway.reader, "pantry") == []
 
 
@@ -135,13 +161,18 @@ async def test_lamp_failure_raises_a_critical_alert_for_relay(
     devices: Devices, rules_gateway: Gateway, relayed: list[Any]
 ) -> None:
     await devices.register("lamp-7", "streetlight")
-    night = {"on": True, "dim": 100.0, "power": 120.0, "lux": 2.0}
-    await devices.send("lamp-7", {**night, "lamp_ok": True}, at=T0 + 60)
-    await devices.send("lamp-7", {**night, "lamp_ok": True}, at=T0 + 120)
+    rng = random.Random(5)
+    healthy, failing = StreetLight(), StreetLight(failure_rate=1.0)  # fails once it burns
+    state = healthy.initial(T0, rng)
+    assert state.on, "T0 is at night: the lamp burns"
+    for n in (1, 2):
+        state, _ = healthy.step(state, T0 + 60 * n, rng)
+        await devices.send("lamp-7", healthy.measurements(state), at=T0 + 60 * n)
     assert relayed == []
-    failed = {"on": True, "dim": 100.0, "power": 0.0, "lux": 2.0, "lamp_ok": False}
-    await devices.send("lamp-7", failed, at=T0 + 180)
-    await devices.send("lamp-7", failed, at=T0 + 240)  # still failed: no second alert
+    for n in (3, 4):  # it fails; the second reading still says so, and raises nothing new
+        state, _ = failing.step(state, T0 + 60 * n, rng)
+        assert not state.lamp_ok
+        await devices.send("lamp-7", failing.measurements(state), at=T0 + 60 * n)
 
     (call,) = relayed
     assert call["kind"] == "alert"
@@ -160,19 +191,30 @@ async def test_tracker_leaving_its_geofence_raises_an_alert(
     devices: Devices, rules_gateway: Gateway, relayed: list[Any]
 ) -> None:
     await devices.register("rex", "tracker")
-    lat, lon = HOME
+    # Driving from home to a point 2 km east at about 10 m/s, reporting every 10 s.
+    east = (HOME[0], HOME[1] + 2000 / (111_320 * math.cos(math.radians(HOME[0]))))
+    model = Tracker(route=(HOME, east), cruise_speed=10.0, wake_interval=10.0)
+    rng = random.Random(11)
+    state = model.initial(T0, rng)
     t = T0
-    for _ in range(12):  # east at 10 m/s, reporting every 10 s
+    left_at = None
+    while left_at is None or t < left_at + 30:
+        assert t < T0 + 200, "the tracker never left"
         t += 10
-        lat, lon = move(lat, lon, 90.0, 100.0)
-        reading = {"lat": round(lat, 6), "lon": round(lon, 6), "speed": 10.0, "battery": 80.0}
+        state, _ = model.step(state, t, rng)
+        reading = model.measurements(state)
         await devices.send("rex", reading, at=t)
-        if t <= T0 + 50:  # within 500 m: inside the fence
+        outside = geo.outside_distance_circle_m(
+            float(reading["lat"]), float(reading["lon"]), *HOME, 500
+        )
+        if outside > 0 and left_at is None:
+            left_at = t
+        elif left_at is None:
             assert await store.open_alerts(rules_gateway.reader, device="rex") == []
 
     (row,) = await store.open_alerts(rules_gateway.reader, device="rex")
     assert row.rule == "tracker-left-home"
-    assert row.raised_at == T0 + 60  # the first reading more than 500 m out
+    assert row.raised_at == left_at  # the first reading more than 500 m out
     assert isinstance(row.value, float) and 0 < row.value <= 100
     assert row.message.startswith("rex left home:")
     assert alert_events(relayed, "tracker-left-home") == ["raised"]
@@ -182,9 +224,12 @@ async def test_silent_device_is_flagged_by_the_ticker_and_cleared_by_a_reading(
     devices: Devices, rules_gateway: Gateway, clock: Clock, relayed: list[Any]
 ) -> None:
     await devices.register("lamp-9", "streetlight")
-    day = {"on": False, "dim": 0.0, "power": 0.5, "lux": 30000.0, "lamp_ok": True}
-    for n in range(1, 6):
-        await devices.send("lamp-9", day, at=T0 + 60 * n)
+    model = StreetLight()
+    rng = random.Random(9)
+    state = model.initial(T0, rng)
+    for n in range(1, 6):  # a reading a minute, then nothing
+        state, _ = model.step(state, T0 + 60 * n, rng)
+        await devices.send("lamp-9", model.measurements(state), at=T0 + 60 * n)
     last = T0 + 300
     # Three times the observed 60 s interval is the limit.
     assert await devices.tick(last + 170) == 0
@@ -194,7 +239,8 @@ async def test_silent_device_is_flagged_by_the_ticker_and_cleared_by_a_reading(
     assert row.value == 190.0 and row.threshold == 180.0
     assert await devices.tick(last + 200) == 0  # one alert, however long the silence
 
-    await devices.send("lamp-9", day, at=last + 400)
+    state, _ = model.step(state, last + 400, rng)
+    await devices.send("lamp-9", model.measurements(state), at=last + 400)
     assert await store.open_alerts(rules_gateway.reader, device="lamp-9") == []
     assert alert_events(relayed, "device-silent") == ["raised", "cleared"]
 
