@@ -2,7 +2,8 @@
 
 WAL mode lets the operator CLI read while the gateway writes. Migrations are the numbered
 `migrations/NNNN_name.sql` files, applied in order, each in its own transaction, with
-`PRAGMA user_version` recording the last one applied.
+`PRAGMA user_version` recording the last one applied. Numbers may have gaps (parts of the
+gateway reserve theirs); every migration numbered above `user_version` is applied.
 """
 
 from __future__ import annotations
@@ -38,7 +39,6 @@ def migrations() -> list[Migration]:
         found.append(Migration(int(number), rest.removesuffix(".sql"), entry.read_text()))
     found.sort(key=lambda migration: migration.version)
     versions = [migration.version for migration in found]
-    # Numbers are reserved per feature, so a gap is allowed; a duplicate is not.
     if len(set(versions)) != len(versions) or (versions and versions[0] < 1):
         raise StoreError(f"migrations must have distinct numbers from 1 up, found {versions}")
     return found

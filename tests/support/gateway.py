@@ -138,7 +138,7 @@ class GatewayProcess:
             with self._changed:
                 self.events.append(event)
                 self._changed.notify_all()
-        process.stderr.close()  # else a ResourceWarning fails a later, unrelated test
+        process.stderr.close()
         with self._changed:
             self._changed.notify_all()
 
