@@ -14,7 +14,7 @@ carries the authenticated claim of its security context. For each request the gu
    size (RFC 7252 §11.3): it asks the resource for Block2 blocks small enough (RFC 7959
    lets the server pick a smaller block size than the client), strips diagnostics from
    error answers that would still be too large, and answers 4.01 (authenticate first)
-   when even that is not enough.
+   when even that is not enough. Block2 continuations are not charged to the buckets.
 
 Every refusal is answered with its code and counted; log lines are at most one per second
 per kind, carrying the count, so a flood cannot flood the log.
@@ -92,15 +92,29 @@ class _LogThrottle:
 
 
 class _ShapedPipe:
-    """The caller's pipe, with a different request and each response passed through `shape`."""
+    """The caller's pipe, with a different request and its first response passed through
+    `shape`. Later responses are Observe notifications: RFC 7641 §4.5 bounds those (aiocoap
+    sends one confirmable now and then and drops an observer that does not acknowledge),
+    together with the observer bounds, so they are not shaped."""
 
     def __init__(self, pipe: Any, request: Message, shape: Callable[[Message], Message]) -> None:
         self._pipe = pipe
         self.request = request
         self._shape = shape
+        self._first = True
+        self._ended = False
 
     def add_response(self, response: Message, is_last: bool = False) -> None:
-        self._pipe.add_response(self._shape(response), is_last=is_last)
+        if self._ended:
+            return
+        if self._first:
+            self._first = False
+            shaped = self._shape(response)
+            if shaped is not response and not shaped.code.is_successful():
+                is_last = True  # an observation refused for size ends here
+            response = shaped
+        self._ended = is_last
+        self._pipe.add_response(response, is_last=is_last)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._pipe, name)

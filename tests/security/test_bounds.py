@@ -10,8 +10,8 @@ from aiocoap.numbers.codes import Code
 
 from gateway.app import Gateway
 from gateway.config import GatewayConfig
-from tests.support.gateway import register
 from tests.support.gateway import gateway_config as make_config
+from tests.support.gateway import register
 
 
 @pytest.fixture
@@ -40,3 +40,24 @@ async def test_long_path_segment_answers_400(
     request = aiocoap.Message(code=Code.POST, uri=f"{gateway_url}/r/{'x' * 40}", payload=b"\xa0")
     response = await coap_client.request(request).response
     assert response.code == Code.BAD_REQUEST
+
+
+@pytest.fixture
+def observer_config(tmp_path: Path) -> GatewayConfig:
+    return make_config(tmp_path, security={"max_observers_per_peer": 1})
+
+
+async def test_observers_past_the_bound_get_a_plain_answer(
+    observer_config: GatewayConfig, coap_client: aiocoap.Context
+) -> None:
+    async with Gateway(observer_config) as gateway:
+        uri = f"coap://127.0.0.1:{observer_config.server.port}/alerts"
+        first = coap_client.request(aiocoap.Message(code=Code.GET, uri=uri, observe=0))
+        assert (await first.response).opt.observe is not None
+        second = coap_client.request(aiocoap.Message(code=Code.GET, uri=uri, observe=0))
+        response = await second.response
+        assert response.code == Code.CONTENT
+        assert response.opt.observe is None
+        assert gateway.security.guard is not None
+        assert gateway.security.guard.observers == 1
+        first.observation.cancel()
