@@ -13,6 +13,8 @@ from typing import Any
 
 import aiocoap
 from aiocoap.credentials import CredentialsMap
+from aiocoap.message import Direction
+from aiocoap.oscore import FilesystemSecurityContext
 
 CREDENTIALS_FILE = "credentials.json"
 
@@ -50,3 +52,39 @@ async def client_context(path: str | Path | None = None, device: str | None = No
             await context.shutdown()
             raise
     return context
+
+
+class OscoreSession:
+    """A device's side of its OSCORE context, for the simulator's own CoAP endpoint.
+
+    `protect` turns a plain request into the OSCORE-protected one to send; `unprotect` turns
+    the protected response back into the plain one. A response that is not protected (the
+    gateway refused before OSCORE, e.g. 4.01 for an unknown or revoked context) is returned
+    as it came.
+    """
+
+    def __init__(self, basedir: str) -> None:
+        self._context = FilesystemSecurityContext(basedir)
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | None = None) -> OscoreSession:
+        for entry in load_credentials(path, device).values():
+            if isinstance(entry, dict) and isinstance(entry.get("oscore"), dict):
+                return cls(str(entry["oscore"]["basedir"]))
+        raise ValueError(f"no OSCORE entry in the credentials for {device or path}")
+
+    def protect(self, message: Any) -> tuple[Any, Any]:
+        message.direction = Direction.OUTGOING
+        protected, request_id = self._context.protect(message)
+        return protected, request_id
+
+    def unprotect(self, response: Any, request_id: Any) -> Any:
+        if response.opt.oscore is None:
+            return response
+        response.direction = Direction.INCOMING
+        plain, _ = self._context.unprotect(response, request_id)
+        return plain
+
+    def close(self) -> None:
+        if self._context.lockfile is not None:
+            self._context._destroy()  # persists the sequence number, releases the lock
