@@ -41,13 +41,17 @@ def load_credentials(path: str | Path, device: str | None = None) -> dict[str, A
 
 async def client_context(path: str | Path | None = None, device: str | None = None) -> Any:
     """An aiocoap client context, with the device's OSCORE credentials when `path` is given."""
-    # "oscore" sits above "udp6": it protects requests for which credentials match.
-    transports = ["oscore", "udp6"] if path is not None else ["udp6"]
+    data = load_credentials(path, device) if path is not None else {}
+    # "oscore" sits above "udp6": it protects requests for which credentials match;
+    # "tinydtls" serves coaps:// URIs (DTLS with a pre-shared key).
+    transports = ["oscore", "udp6"] if data else ["udp6"]
+    if any(isinstance(entry, dict) and "dtls" in entry for entry in data.values()):
+        transports.append("tinydtls")
     context = await aiocoap.Context.create_client_context(transports=transports)
-    if path is not None:
+    if data:
         try:
             credentials: CredentialsMap = context.client_credentials
-            credentials.load_from_dict(load_credentials(path, device))
+            credentials.load_from_dict(data)
         except BaseException:
             await context.shutdown()
             raise

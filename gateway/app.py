@@ -111,6 +111,7 @@ class Gateway:
                 bind=config.server.bind,
                 port=config.server.port,
                 root=self.security.wrap(self.site.site),
+                **self.security.server_options(),
             )
         )
 

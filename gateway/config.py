@@ -111,6 +111,9 @@ class SecurityConfig:
     max_observers: int = 1_000
     #: Longest accepted URI path segment or query item, in bytes (4.00 beyond).
     max_option_length: int = 255
+    #: Also serve CoAP over DTLS 1.2 with pre-shared keys on server.port + 1 (needs the
+    #: optional DTLSSocket package: `pip install coap-gateway[dtls]`).
+    dtls: bool = False
     #: RFC 7252 §11.3: answers to unauthenticated peers stay within this factor of the
     #: request size (block-wise for larger ones). 0 disables the limit.
     amplification_factor: float = 3.0

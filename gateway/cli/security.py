@@ -75,6 +75,7 @@ def _issue(
     *,
     rotate: bool,
     device_type: str | None = None,
+    kind: str = credentials.KIND_OSCORE,
 ) -> Path:
     async def work(conn: aiosqlite.Connection) -> credentials.CredentialRecord:
         if device_type is not None:
@@ -85,7 +86,7 @@ def _issue(
             )
         if rotate:
             return await credentials.rotate(conn, identity, now=time.time())
-        return await credentials.provision(conn, identity, now=time.time())
+        return await credentials.provision(conn, identity, now=time.time(), kind=kind)
 
     try:
         record = _run(_with_writer(db, work))
@@ -131,10 +132,10 @@ def _revoke(db: str, identity: Identity) -> None:
 @click.option(
     "--credentials",
     "kind",
-    type=click.Choice(["oscore", "none"]),
+    type=click.Choice(["oscore", "dtls", "none"]),
     default="none",
     show_default=True,
-    help="Generate an OSCORE security context for the device.",
+    help="Generate an OSCORE security context, or a DTLS pre-shared key, for the device.",
 )
 @out_option
 @pattern_option
@@ -151,7 +152,7 @@ def devices_add(
     config_path: str | None,
     as_json: bool,
 ) -> None:
-    """Add a device, optionally with OSCORE credentials (the device's side goes to --out)."""
+    """Add a device, optionally with credentials (the device's side goes to --out)."""
     db = _db_path(config_path, db_path)
     identity = Identity("device", name)
     if kind == "none":
@@ -166,7 +167,9 @@ def devices_add(
         _run(_with_writer(db, work))
         _report(identity, None, "added", as_json)
         return
-    path = _issue(db, identity, out_dir, uri_pattern, rotate=False, device_type=device_type)
+    path = _issue(
+        db, identity, out_dir, uri_pattern, rotate=False, device_type=device_type, kind=kind
+    )
     _report(identity, path, "added", as_json)
 
 

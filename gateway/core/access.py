@@ -43,10 +43,16 @@ class Identity:
 
 
 def identity_from_claims(claims: Sequence[object]) -> Identity | None:
-    """The identity named by the first claim we issued, if any (see `Identity.claim`)."""
+    """The identity named by the first claim we issued, if any (see `Identity.claim`).
+
+    OSCORE contexts carry the claim itself (`device:NAME`); a DTLS session carries the name
+    of its credentials entry (`:device:NAME#GENERATION`), which names the same identity.
+    """
     for claim in claims:
         if not isinstance(claim, str):
             continue
+        if claim.startswith(":"):
+            claim = claim[1:].rsplit("#", 1)[0]
         if claim.startswith(DEVICE_CLAIM):
             return Identity("device", claim[len(DEVICE_CLAIM) :])
         if claim.startswith(OPERATOR_CLAIM):

@@ -7,6 +7,7 @@ aiocoap's `OscoreSiteWrapper` around the `Guard` around the gateway's site.
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -16,6 +17,7 @@ import structlog
 from aiocoap.oscore_sitewrapper import OscoreSiteWrapper
 
 from gateway.config import SecurityConfig
+from gateway.errors import ConfigError
 from gateway.registry import Registry
 from gateway.security.contexts import SecurityContexts
 from gateway.security.guard import Guard
@@ -51,6 +53,11 @@ class SecurityLayer:
 
     async def __aenter__(self) -> SecurityLayer:
         install_option_decoding_fix()
+        if self.config.dtls and importlib.util.find_spec("DTLSSocket") is None:
+            raise ConfigError(
+                "security.dtls needs the DTLSSocket package: pip install 'coap-gateway[dtls]'",
+                key="security.dtls",
+            )
         await self.contexts.__aenter__()
         if self.config.mode == "open":
             log.warning(
@@ -79,6 +86,15 @@ class SecurityLayer:
             row = await cursor.fetchone()
         return None if row is None else (str(row[0]), str(row[1]))
 
+    def server_options(self) -> dict[str, Any]:
+        """Extra arguments for `CoapServer`: the DTLS transport and its PSK store, if on."""
+        if not self.config.dtls:
+            return {}
+        return {
+            "extra_transports": ("tinydtls_server",),
+            "server_credentials": self.contexts.credentials,
+        }
+
     def wrap(self, site: Any) -> Any:
         """The root resource to serve: OSCORE unprotection, then the guard, then `site`."""
         self.guard = Guard(
@@ -87,5 +103,6 @@ class SecurityLayer:
             registry=self._registry,
             provisioned=lambda: self.contexts.provisioned,
             owner_of=self._owner_of,
+            is_live=self.contexts.is_live,
         )
         return OscoreSiteWrapper(self.guard, self.contexts.credentials)

@@ -23,10 +23,11 @@ from typing import Any
 
 import aiosqlite
 import structlog
-from aiocoap.credentials import CredentialsMap
+from aiocoap.credentials import DTLS, CredentialsMap
 from aiocoap.oscore import FilesystemSecurityContext
 
 from gateway.security.credentials import (
+    KIND_DTLS,
     CredentialRecord,
     active_credentials,
     credentials_version,
@@ -36,6 +37,17 @@ from gateway.security.credentials import (
 log = structlog.get_logger(__name__)
 
 
+class LiveCredentials(CredentialsMap):  # type: ignore[misc]
+    """The credentials map, truthy even while empty.
+
+    aiocoap's `Context` takes `server_credentials or CredentialsMap()`; an empty map would be
+    swapped for a fresh one and later additions never seen by the DTLS transport.
+    """
+
+    def __bool__(self) -> bool:
+        return True
+
+
 class SecurityContexts:
     def __init__(
         self, reader: aiosqlite.Connection, contexts_dir: str | Path, *, interval: float = 0.5
@@ -43,7 +55,7 @@ class SecurityContexts:
         self._reader = reader
         self._dir = Path(contexts_dir)
         self._interval = interval
-        self.credentials = CredentialsMap()
+        self.credentials = LiveCredentials()
         self._loaded: dict[str, Any] = {}
         self._version: int | None = None
         self._task: asyncio.Task[None] | None = None
@@ -101,6 +113,19 @@ class SecurityContexts:
         return self._dir / key.encode("utf-8").hex()
 
     def _add(self, record: CredentialRecord) -> None:
+        if record.kind == KIND_DTLS:
+            # The DTLS server transport looks the PSK up by identity in the same map and
+            # reports the entry's name as the session's claim.
+            entry = DTLS(psk=record.material.master_secret, client_identity=record.psk_identity)
+            self.credentials[record.key] = entry
+            self._loaded[record.key] = entry
+            log.info(
+                "security.psk_added",
+                role=record.identity.role,
+                name=record.identity.name,
+                generation=record.generation,
+            )
+            return
         directory = self._context_dir(record.key)
         if not (directory / "settings.json").exists():
             write_context_dir(directory, record.material)
@@ -125,7 +150,7 @@ class SecurityContexts:
         context = self._loaded.pop(key)
         self.credentials.pop(key, None)
         try:
-            if context.lockfile is not None:
+            if getattr(context, "lockfile", None) is not None:
                 context._destroy()  # persists the replay window and releases the lock
         except Exception:
             log.exception("security.context_close_failed")
@@ -135,3 +160,7 @@ class SecurityContexts:
 
     def __len__(self) -> int:
         return len(self._loaded)
+
+    def is_live(self, key: str) -> bool:
+        """Whether a credentials entry (as a DTLS session names it) is still active."""
+        return key in self._loaded

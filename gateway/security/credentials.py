@@ -30,6 +30,9 @@ ID_BYTES = 6
 SECRET_BYTES = 32
 SALT_BYTES = 8
 KIND_OSCORE = "oscore"
+#: DTLS 1.2 with a pre-shared key (needs the optional DTLSSocket package, docs/security.md).
+KIND_DTLS = "dtls"
+KINDS = (KIND_OSCORE, KIND_DTLS)
 
 
 class CredentialError(GatewayError):
@@ -69,7 +72,14 @@ class OscoreMaterial:
 class CredentialRecord:
     identity: Identity
     generation: int
+    #: For DTLS, `master_secret` is the pre-shared key and the ids are unused.
     material: OscoreMaterial
+    kind: str = KIND_OSCORE
+
+    @property
+    def psk_identity(self) -> bytes:
+        """The DTLS PSK identity the peer presents."""
+        return self.identity.claim.encode("utf-8")
 
     @property
     def key(self) -> str:
@@ -88,9 +98,8 @@ async def credentials_version(conn: aiosqlite.Connection) -> int:
 
 async def active_credentials(conn: aiosqlite.Connection) -> list[CredentialRecord]:
     async with conn.execute(
-        "SELECT role, name, generation, sender_id, recipient_id, master_secret, master_salt"
-        " FROM credentials WHERE revoked_at IS NULL AND kind = ?",
-        (KIND_OSCORE,),
+        "SELECT role, name, generation, sender_id, recipient_id, master_secret, master_salt,"
+        " kind FROM credentials WHERE revoked_at IS NULL",
     ) as cursor:
         rows = await cursor.fetchall()
     return [
@@ -98,8 +107,10 @@ async def active_credentials(conn: aiosqlite.Connection) -> list[CredentialRecor
             Identity(row[0], row[1]),
             int(row[2]),
             OscoreMaterial(bytes(row[3]), bytes(row[4]), bytes(row[5]), bytes(row[6])),
+            str(row[7]),
         )
         for row in rows
+        if row[7] in KINDS
     ]
 
 
@@ -108,10 +119,13 @@ async def _bump(conn: aiosqlite.Connection) -> None:
 
 
 async def _insert(
-    conn: aiosqlite.Connection, identity: Identity, generation: int, now: float
+    conn: aiosqlite.Connection, identity: Identity, generation: int, now: float, kind: str
 ) -> OscoreMaterial:
     for _ in range(8):
         material = OscoreMaterial.generate()
+        if kind == KIND_DTLS:
+            # tinydtls takes pre-shared keys of at most 16 bytes (DTLS_PSK_MAX_KEY_LEN).
+            material = OscoreMaterial(b"", material.recipient_id, material.master_secret[:16], b"")
         async with conn.execute(
             "SELECT 1 FROM credentials WHERE recipient_id = ?", (material.recipient_id,)
         ) as cursor:
@@ -125,7 +139,7 @@ async def _insert(
         (
             identity.name,
             identity.role,
-            KIND_OSCORE,
+            kind,
             material.sender_id,
             material.recipient_id,
             material.master_secret,
@@ -137,19 +151,22 @@ async def _insert(
     return material
 
 
-async def _current(conn: aiosqlite.Connection, identity: Identity) -> tuple[int, bool] | None:
+async def _current(conn: aiosqlite.Connection, identity: Identity) -> tuple[int, bool, str] | None:
     async with conn.execute(
-        "SELECT generation, revoked_at IS NOT NULL FROM credentials WHERE role = ? AND name = ?",
+        "SELECT generation, revoked_at IS NOT NULL, kind FROM credentials"
+        " WHERE role = ? AND name = ?",
         (identity.role, identity.name),
     ) as cursor:
         row = await cursor.fetchone()
-    return None if row is None else (int(row[0]), bool(row[1]))
+    return None if row is None else (int(row[0]), bool(row[1]), str(row[2]))
 
 
 async def provision(
-    conn: aiosqlite.Connection, identity: Identity, *, now: float
+    conn: aiosqlite.Connection, identity: Identity, *, now: float, kind: str = KIND_OSCORE
 ) -> CredentialRecord:
     """New credentials for a name that has none (a revoked name may be provisioned again)."""
+    if kind not in KINDS:
+        raise CredentialError(f"unknown credential kind {kind!r}")
     await conn.execute("BEGIN IMMEDIATE")
     try:
         current = await _current(conn, identity)
@@ -161,13 +178,13 @@ async def provision(
         await conn.execute(
             "DELETE FROM credentials WHERE role = ? AND name = ?", (identity.role, identity.name)
         )
-        material = await _insert(conn, identity, generation, now)
+        material = await _insert(conn, identity, generation, now, kind)
         await _bump(conn)
         await conn.execute("COMMIT")
     except BaseException:
         await conn.execute("ROLLBACK")
         raise
-    return CredentialRecord(identity, generation, material)
+    return CredentialRecord(identity, generation, material, kind)
 
 
 async def rotate(conn: aiosqlite.Connection, identity: Identity, *, now: float) -> CredentialRecord:
@@ -180,13 +197,13 @@ async def rotate(conn: aiosqlite.Connection, identity: Identity, *, now: float) 
         await conn.execute(
             "DELETE FROM credentials WHERE role = ? AND name = ?", (identity.role, identity.name)
         )
-        material = await _insert(conn, identity, current[0] + 1, now)
+        material = await _insert(conn, identity, current[0] + 1, now, current[2])
         await _bump(conn)
         await conn.execute("COMMIT")
     except BaseException:
         await conn.execute("ROLLBACK")
         raise
-    return CredentialRecord(identity, current[0] + 1, material)
+    return CredentialRecord(identity, current[0] + 1, material, current[2])
 
 
 async def revoke(conn: aiosqlite.Connection, identity: Identity, *, now: float) -> None:
@@ -261,15 +278,31 @@ def write_peer_credentials(
     """The device's (or operator's) side: `<out>/<name>/credentials.json` + `oscore/`.
 
     The JSON file is in aiocoap's credentials format, so `aiocoap-client --credentials` and
-    `device-sim run --credentials` both load it. Returns the credentials file's path.
+    `device-sim run --credentials` both load it. For DTLS it holds the pre-shared key and
+    the PSK identity itself (`coaps://*`). Returns the credentials file's path.
     """
     base = Path(out_dir).absolute() / record.identity.name
     _private_dir(base)
+    credentials_file = base / CREDENTIALS_FILE
+    if record.kind == KIND_DTLS:
+        if uri_pattern == "coap://*":
+            uri_pattern = "coaps://*"
+        _write_private(
+            credentials_file,
+            {
+                uri_pattern: {
+                    "dtls": {
+                        "psk": {"hex": record.material.master_secret.hex()},
+                        "client-identity": {"hex": record.psk_identity.hex()},
+                    }
+                }
+            },
+        )
+        return credentials_file
     context_dir = base / "oscore"
     if context_dir.exists():
         shutil.rmtree(context_dir)
     write_context_dir(context_dir, record.material.for_peer())
-    credentials_file = base / CREDENTIALS_FILE
     _write_private(credentials_file, {uri_pattern: {"oscore": {"basedir": f"{context_dir}/"}}})
     return credentials_file
 

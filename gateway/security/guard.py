@@ -36,7 +36,13 @@ from gateway.coap.base import error_response, peer_of
 from gateway.config import SecurityConfig
 from gateway.core.access import Identity, Subject, authorize, identity_from_claims, subject_device
 from gateway.core.ratelimit import RateLimiter, max_age_for
-from gateway.errors import BadRequestError, DeviceError, OverloadedError, TooManyRequestsError
+from gateway.errors import (
+    BadRequestError,
+    DeviceError,
+    OverloadedError,
+    TooManyRequestsError,
+    UnauthorizedError,
+)
 from gateway.registry import Registry
 
 log = structlog.get_logger("gateway.security")
@@ -129,6 +135,7 @@ class Guard(interfaces.Resource):  # type: ignore[misc]
         registry: Registry,
         provisioned: Callable[[], frozenset[str]],
         owner_of: OwnerLookup,
+        is_live: Callable[[str], bool] = lambda key: True,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._inner = inner
@@ -136,6 +143,7 @@ class Guard(interfaces.Resource):  # type: ignore[misc]
         self._registry = registry
         self._provisioned = provisioned
         self._owner_of = owner_of
+        self._is_live = is_live
         self._clock = clock
         self.sources = RateLimiter(
             rate=config.source_rate, burst=config.source_burst, max_keys=config.max_tracked
@@ -167,6 +175,7 @@ class Guard(interfaces.Resource):  # type: ignore[misc]
         source = peer_of(request) or "?"
         budget = self._budget(request, identity)
         try:
+            self._check_live(claims, source)
             await self._admit(request, identity, source)
         except DeviceError as exc:
             response = self._shape(error_response(exc), budget, request)
@@ -180,6 +189,16 @@ class Guard(interfaces.Resource):  # type: ignore[misc]
         await self._inner.render_to_pipe(pipe)
 
     # --- admission -------------------------------------------------------------------------
+
+    def _check_live(self, claims: Any, source: str) -> None:
+        """A DTLS session outlives the removal of its key from the map; refuse it here.
+
+        (OSCORE needs no such check: every message is looked up in the live map.)
+        """
+        for claim in claims:
+            if isinstance(claim, str) and claim.startswith(":") and not self._is_live(claim):
+                self.events.hit("security.revoked_session", peer=source, outcome="refused")
+                raise UnauthorizedError("credentials revoked")
 
     async def _admit(self, request: Message, identity: Identity | None, source: str) -> None:
         config = self._config

@@ -15,7 +15,13 @@ from gateway.store.db import migrate, open_database
 
 
 async def provision(
-    db_path: str, name: str, out_dir: Path, *, role: Role = "device", rotate: bool = False
+    db_path: str,
+    name: str,
+    out_dir: Path,
+    *,
+    role: Role = "device",
+    rotate: bool = False,
+    kind: str = credentials.KIND_OSCORE,
 ) -> Path:
     """Credentials for `name`; returns the peer's credentials file."""
     conn = await open_database(db_path)
@@ -25,7 +31,7 @@ async def provision(
         if rotate:
             record = await credentials.rotate(conn, identity, now=time.time())
         else:
-            record = await credentials.provision(conn, identity, now=time.time())
+            record = await credentials.provision(conn, identity, now=time.time(), kind=kind)
     finally:
         await conn.close()
     return credentials.write_peer_credentials(out_dir, record)
