@@ -120,6 +120,8 @@ class RelayConfig:
     batch_size: int = 100
     #: How often an idle worker looks at the outbox when nothing wakes it sooner.
     poll_interval: float = 1.0
+    #: How often the running gateway writes its live relay figures for `gateway relay status`.
+    status_interval: float = 2.0
     retry: RetryPolicy = field(default_factory=RetryPolicy)
 
 
@@ -216,6 +218,8 @@ def check_relay(
         raise ConfigError("relay.batch_size must be at least 1", key="relay.batch_size")
     if relay.poll_interval <= 0:
         raise ConfigError("relay.poll_interval must be positive", key="relay.poll_interval")
+    if relay.status_interval <= 0:
+        raise ConfigError("relay.status_interval must be positive", key="relay.status_interval")
     if relay.retry_after < 0:
         raise ConfigError("relay.retry_after must not be negative", key="relay.retry_after")
 
