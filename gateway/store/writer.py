@@ -151,13 +151,18 @@ class StoreWriter:
         self.stats.largest_batch = max(self.stats.largest_batch, len(live))
         try:
             results, committed = await self._apply(live)
-        except sqlite3.Error as exc:
+        except Exception as exc:
+            # An operation's own error (say a ValueError) is its caller's, not the writer's:
+            # the writer must keep running.
             log.error("store.batch_failed", jobs=len(live), error=str(exc))
             # Retry one by one, so one bad request cannot fail the others.
             for job in live if len(live) > 1 else []:
                 await self._commit_batch([job])
             if len(live) == 1 and not live[0].future.done():
-                live[0].future.set_exception(StoreError(f"database write failed: {exc}"))
+                if isinstance(exc, sqlite3.Error):
+                    live[0].future.set_exception(StoreError(f"database write failed: {exc}"))
+                else:
+                    live[0].future.set_exception(exc)
             return
         for job, result in zip(live, results, strict=True):
             if not job.future.done():
