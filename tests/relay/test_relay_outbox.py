@@ -98,7 +98,7 @@ async def test_readings_reach_the_routed_sinks_in_order(
 async def test_a_repeated_request_creates_no_second_entry(
     running: tuple[Running, Gateway], coap_client: aiocoap.Context
 ) -> None:
-    setup, gateway = running
+    setup, _ = running
     setup.a.hang()  # keep what is queued in the outbox to count it
     await register(coap_client, setup.url, "fridge-1", "fridge")
     for _ in range(2):
