@@ -64,7 +64,7 @@ async def test_mqtt_subscriber_gets_the_reading(
 ) -> None:
     async with aiomqtt.Client("127.0.0.1", mosquitto.port) as subscriber:
         await subscriber.subscribe("coap-gw/#", qos=1)
-        async with make_gateway({"type": "mqtt", "url": mosquitto.url}) as (gateway, url):
+        async with make_gateway({"type": "mqtt", "url": mosquitto.url}) as (_, url):
             await register(coap_client, url, "fridge-1", "fridge")
             response = await send_temp(coap_client, url, "fridge-1", 4.5, 1)
             assert response.code == Code.CHANGED
@@ -122,7 +122,7 @@ async def test_coap_upstream_gets_the_reading(
     make_gateway: Any, coap_upstream: CoapUpstream, coap_client: aiocoap.Context
 ) -> None:
     sink = {"type": "coap", "url": coap_upstream.url}
-    async with make_gateway(sink, {"encoding": "cbor"}) as (gateway, url):
+    async with make_gateway(sink, {"encoding": "cbor"}) as (_, url):
         await register(coap_client, url, "fridge-2", "fridge")
         assert (await send_temp(coap_client, url, "fridge-2", 3.0, 9)).code == Code.CHANGED
         (request,) = await coap_upstream.wait_for(1)
