@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import getpass
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -32,7 +33,10 @@ class PersistentMosquitto(Mosquitto):
         config = Path(command[-1])
         text = config.read_text().replace("persistence false\n", "")
         config.write_text(
-            text + f"persistence true\npersistence_location {self.workdir}/\nautosave_interval 1\n"
+            text
+            + f"persistence true\npersistence_location {self.workdir}/\nautosave_interval 1\n"
+            # Started as root, mosquitto would switch to a user who cannot write our workdir.
+            + f"user {getpass.getuser()}\n"
         )
         return command
 
