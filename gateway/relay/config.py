@@ -110,10 +110,10 @@ class RouteConfig:
 class RelayConfig:
     """The `[relay]` section: the outbox bound, its policy, and the retry policy."""
 
-    #: Most unfinished outbox entries (all sinks together).
+    #: Most unfinished outbox entries of one sink.
     max_outbox: int = 100_000
     #: At the bound: "refuse" new readings (5.03 with Max-Age = `retry_after`), or
-    #: "drop_oldest" pending entries (counted and logged as `outbox.dropped`).
+    #: "drop_oldest" pending entries of that sink (counted and logged as `relay.dropped`).
     policy: Literal["refuse", "drop_oldest"] = "refuse"
     retry_after: int = 30
     #: Entries a sink worker claims and publishes at once.
