@@ -20,15 +20,17 @@ from typing import Any
 import aiosqlite
 import structlog
 
+from gateway.coap.alerts import AlertsResource, ListNamesResource, ListsResource
 from gateway.coap.readings import ReadingsResource
 from gateway.coap.registration import RegistrationCollection, RegistrationEntries
-from gateway.coap.server import CORE_LINKS, CoapServer, GatewaySite
+from gateway.coap.server import CORE_LINKS, RULES_LINKS, CoapServer, GatewaySite
 from gateway.config import GatewayConfig
 from gateway.ingest import Ingest
 from gateway.registry import Registry
 from gateway.relay.config import sink_from_config
 from gateway.relay.service import Relay
 from gateway.relay.sinks.base import Sink
+from gateway.rules_service import RulesService
 from gateway.store.db import migrate, open_database
 from gateway.store.retention import RetentionPolicy, prune
 from gateway.store.writer import StoreWriter
@@ -63,6 +65,7 @@ class Gateway:
     registry: Registry
     relay: Relay
     ingest: Ingest
+    rules: RulesService
     site: GatewaySite
     coap: CoapServer
 
@@ -116,6 +119,7 @@ class Gateway:
         )
         if retention.enabled:
             self._spawn(self._retention_loop(retention), "store.retention")
+        await self._start_rules()
 
         await self.relay.start()
         for name, coroutine in self.relay.tasks():
@@ -138,7 +142,26 @@ class Gateway:
         site.add(("rd",), RegistrationCollection(self.registry, self.config.registry), rd)
         site.add(("rd",), RegistrationEntries(self.registry, self.config.registry))
         site.add(("r",), ReadingsResource(self.ingest, self.reader), readings)
+        alerts, lists = RULES_LINKS
+        alerts_resource = AlertsResource(self.reader)
+        names_resource = ListNamesResource(self.reader)
+        lists_resource = ListsResource(self.reader)
+        for listener in (alerts_resource, names_resource, lists_resource):
+            self.rules.add_listener(listener.on_decisions)
+        site.add(("alerts",), alerts_resource, alerts)
+        site.add(("lists",), names_resource, lists)
+        site.add(("lists",), lists_resource)
         return site
+
+    async def _start_rules(self) -> None:
+        self.rules = RulesService(
+            self.config.rules, writer=self.writer, registry=self.registry, clock=self._clock
+        )
+        await self.rules.start()
+        if self.config.rules:
+            self.writer.add_commit_listener(self.rules.on_commit)
+            self._spawn(self.rules.run_evaluator(), "rules.evaluator")
+            self._spawn(self.rules.run_ticker(), "rules.ticker")
 
     async def __aexit__(
         self,

@@ -38,6 +38,16 @@ CORE_LINKS = (
 )
 
 
+RULES_LINKS = (
+    PublishedResource(
+        ("alerts",), {"rt": "coapgw.alerts", "obs": None, "ct": f"{CF_CBOR} {CF_JSON}"}
+    ),
+    PublishedResource(
+        ("lists",), {"rt": "coapgw.lists", "obs": None, "ct": f"{CF_CBOR} {CF_JSON}"}
+    ),
+)
+
+
 class GatewaySite:
     """Builds the aiocoap Site and remembers what /.well-known/core announces."""
 

@@ -4,7 +4,8 @@
 (`await writer.transaction(op)`, with `op` calling it), so the event, and the outbox entry
 of every route that takes it (written by the `events_outbox` trigger), commit together
 with whatever caused them. Its relayed message has the id `e-<event id>`, no values, and
-`body` as the envelope's `extra`.
+`body` as the envelope's `extra`. The event keeps the device's name and type, so it is
+relayed even when the device is unknown or deleted (its `device.id` is not relied on).
 """
 
 from __future__ import annotations
@@ -43,9 +44,13 @@ async def record_event(
         text = json.dumps(dict(body), separators=(",", ":"), allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"event body is not JSON-serialisable: {exc}") from exc
+    # By name: callers may hold a Device whose id is unknown (0) or no longer exists.
+    async with conn.execute("SELECT id FROM devices WHERE name = ?", (device.name,)) as cursor:
+        row = await cursor.fetchone()
     cursor = await conn.execute(
-        "INSERT INTO events (kind, device_id, at, body) VALUES (?, ?, ?, ?)",
-        (kind, device.id, at, text),
+        "INSERT INTO events (kind, device_id, device, device_type, at, body)"
+        " VALUES (?, ?, ?, ?, ?, ?)",
+        (kind, None if row is None else row[0], device.name, device.type, at, text),
     )
     event_id = cursor.lastrowid
     assert event_id is not None

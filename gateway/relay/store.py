@@ -165,9 +165,8 @@ async def load_messages(
     found = {}
     for part in _chunks([e.ref_id for e in events]):
         async with conn.execute(
-            "SELECT e.id, e.kind, e.at, e.body, d.name, d.type"
-            f" FROM events e JOIN devices d ON d.id = e.device_id WHERE e.id IN"
-            f" ({_marks(len(part))})",
+            "SELECT e.id, e.kind, e.at, e.body, e.device, e.device_type"
+            f" FROM events e WHERE e.id IN ({_marks(len(part))})",
             part,
         ) as cursor:
             for row in await cursor.fetchall():

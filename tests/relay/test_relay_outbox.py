@@ -23,6 +23,7 @@ from click.testing import CliRunner
 from gateway.app import Gateway
 from gateway.cli import main as cli
 from gateway.config import GatewayConfig
+from gateway.core.model import Device
 from gateway.relay.events import record_event
 from gateway.relay.sinks.memory import MemorySink
 from tests.support.gateway import base_url, gateway_config, post, register, wait_until
@@ -134,6 +135,13 @@ async def test_events_are_relayed_to_routes_of_their_kind(tmp_path: Path) -> Non
             "fridge",
         )
         assert message.received_at == at and message.extra == {"rule": "warm", "state": "on"}
+        # A device the gateway no longer knows (id 0) still has its event relayed.
+        ghost = Device(0, "fridge-ghost", "fridge")
+        await gateway.writer.transaction(
+            lambda conn: record_event(conn, kind="alert", device=ghost, at=at, body={})
+        )
+        (_, second) = await setup.a.wait_for(2)
+        assert (second.message.device, second.message.kind) == ("fridge-ghost", "alert")
         with pytest.raises(ValueError):
             await gateway.writer.transaction(
                 lambda conn: record_event(conn, kind="reading", device=device, at=1.0, body={})

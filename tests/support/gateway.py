@@ -130,15 +130,15 @@ class GatewayProcess:
 
     def _read(self, process: subprocess.Popen[bytes]) -> None:
         assert process.stderr is not None
-        with process.stderr:  # closed at EOF, so a killed and restarted process leaks no pipe
-            for raw in process.stderr:
-                try:
-                    event = json.loads(raw)
-                except ValueError:
-                    event = {"event": "raw", "text": raw.decode(errors="replace").rstrip()}
-                with self._changed:
-                    self.events.append(event)
-                    self._changed.notify_all()
+        for raw in process.stderr:
+            try:
+                event = json.loads(raw)
+            except ValueError:
+                event = {"event": "raw", "text": raw.decode(errors="replace").rstrip()}
+            with self._changed:
+                self.events.append(event)
+                self._changed.notify_all()
+        process.stderr.close()
         with self._changed:
             self._changed.notify_all()
 

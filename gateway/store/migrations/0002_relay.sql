@@ -15,12 +15,15 @@ CREATE TABLE routes (
 );
 
 -- Alerts, shopping-list events, command results: anything relayed that is not a reading.
+-- The device's name and type are kept with the event: an alert may outlive its device.
 CREATE TABLE events (
-    id         INTEGER PRIMARY KEY,
-    kind       TEXT NOT NULL,
-    device_id  INTEGER NOT NULL REFERENCES devices(id) ON DELETE CASCADE,
-    at         REAL NOT NULL,
-    body       TEXT NOT NULL
+    id           INTEGER PRIMARY KEY,
+    kind         TEXT NOT NULL,
+    device_id    INTEGER REFERENCES devices(id) ON DELETE SET NULL,
+    device       TEXT NOT NULL,
+    device_type  TEXT NOT NULL,
+    at           REAL NOT NULL,
+    body         TEXT NOT NULL
 );
 CREATE INDEX events_device ON events(device_id, id);
 
@@ -88,9 +91,9 @@ END;
 CREATE TRIGGER events_outbox AFTER INSERT ON events
 BEGIN
     INSERT INTO outbox (sink, kind, ref_id, device_id, encoding, first_at, next_attempt_at)
-    SELECT r.sink, NEW.kind, NEW.id, NEW.device_id, r.encoding, NEW.at, NEW.at
-    FROM routes r JOIN devices d ON d.id = NEW.device_id
-    WHERE r.kind = NEW.kind AND d.type GLOB r.device_type AND d.name GLOB r.device
+    SELECT r.sink, NEW.kind, NEW.id, coalesce(NEW.device_id, 0), r.encoding, NEW.at, NEW.at
+    FROM routes r
+    WHERE r.kind = NEW.kind AND NEW.device_type GLOB r.device_type AND NEW.device GLOB r.device
     GROUP BY r.route
     ORDER BY r.route;
 END;
