@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from contextlib import AsyncExitStack
 from types import TracebackType
 from typing import Any
@@ -27,6 +27,9 @@ from gateway.coap.server import CORE_LINKS, RULES_LINKS, CoapServer, GatewaySite
 from gateway.config import GatewayConfig
 from gateway.ingest import Ingest
 from gateway.registry import Registry
+from gateway.relay.config import sink_from_config
+from gateway.relay.service import Relay
+from gateway.relay.sinks.base import Sink
 from gateway.rules_service import RulesService
 from gateway.security import SecurityLayer
 from gateway.store.db import migrate, open_database
@@ -39,9 +42,18 @@ SHUTDOWN_DEADLINE = 10.0
 
 
 class Gateway:
-    def __init__(self, config: GatewayConfig, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        config: GatewayConfig,
+        *,
+        clock: Callable[[], float] = time.time,
+        sinks: Mapping[str, Sink] | None = None,
+    ) -> None:
         self.config = config
         self._clock = clock
+        #: Sinks to use instead of building them from `config.sinks`, by name (tests).
+        self._sink_overrides = dict(sinks or {})
+        self._relay_tasks: list[asyncio.Task[None]] = []
         self._stack = AsyncExitStack()
         self._loops: list[asyncio.Task[None]] = []
         self._writer_task: asyncio.Task[None] | None = None
@@ -52,6 +64,7 @@ class Gateway:
     reader: aiosqlite.Connection
     writer: StoreWriter
     registry: Registry
+    relay: Relay
     ingest: Ingest
     rules: RulesService
     site: GatewaySite
@@ -80,8 +93,22 @@ class Gateway:
         )
         self.registry = Registry(self.writer, clock=self._clock)
         await self.registry.load(self.db)
+        # Entered before the TaskGroup, so they are closed only after every worker ended.
+        sinks: dict[str, Sink] = {}
+        for sink_config in config.sinks:
+            sink = self._sink_overrides.get(sink_config.name) or sink_from_config(sink_config)
+            sinks[sink_config.name] = await stack.enter_async_context(sink)
+        self.relay = Relay(
+            config, writer=self.writer, reader=self.reader, sinks=sinks, clock=self._clock
+        )
+        self.writer.add_commit_listener(self.relay.on_commit)
+        self.writer.add_commit_hook(self.relay.wake)
         self.ingest = Ingest(
-            config.ingest, registry=self.registry, writer=self.writer, clock=self._clock
+            config.ingest,
+            registry=self.registry,
+            writer=self.writer,
+            clock=self._clock,
+            admit=self.relay.admit if sinks else None,
         )
 
         self._tasks = await stack.enter_async_context(asyncio.TaskGroup())
@@ -95,6 +122,12 @@ class Gateway:
         if retention.enabled:
             self._spawn(self._retention_loop(retention), "store.retention")
         await self._start_rules()
+
+        await self.relay.start()
+        for name, coroutine in self.relay.tasks():
+            self._relay_tasks.append(self._tasks.create_task(coroutine, name=name))
+        # Runs before the writer closes: cancelled workers release their entries through it.
+        stack.push_async_callback(self._stop_relay)
 
         self.site = self._build_site()
         self.security = await stack.enter_async_context(
@@ -153,6 +186,18 @@ class Gateway:
         tb: TracebackType | None,
     ) -> None:
         await self._stack.aclose()
+
+    async def _stop_relay(self) -> None:
+        for task in self._relay_tasks:
+            task.cancel()
+        if self._relay_tasks:
+            _, pending = await asyncio.wait(self._relay_tasks, timeout=SHUTDOWN_DEADLINE)
+            if pending:
+                log.error("gateway.shutdown_timeout", relay_tasks=[t.get_name() for t in pending])
+        try:
+            await asyncio.wait_for(self.relay.flush_status(stopping=True), SHUTDOWN_DEADLINE)
+        except Exception as exc:
+            log.warning("relay.status_failed", error=str(exc))
 
     async def _stop_tasks(self) -> None:
         try:
