@@ -7,6 +7,7 @@ within `commands.poll_interval` seconds and sends it when the device can be reac
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from gateway.cli.common import (
 )
 from gateway.commands import store
 from gateway.core.commands import METHODS, CommandRequest, check_command, payload_from_json
-from gateway.errors import DeviceError, StoreError
+from gateway.errors import DeviceError, GatewayError, StoreError, UnknownDeviceError
 from gateway.store.db import open_database
 
 
@@ -56,6 +57,8 @@ async def _enqueue(path: str, device: str, request: CommandRequest) -> int:
         except BaseException:
             await conn.execute("ROLLBACK")
             raise
+        if command_id is None:
+            raise UnknownDeviceError(f"unknown device {device!r:.70}", device=device)
         return command_id
     finally:
         await conn.close()
@@ -106,11 +109,11 @@ def command_send(
     except DeviceError as exc:
         raise click.UsageError(exc.diagnostic) from exc
     try:
-        command_id = _run(_enqueue(_db_path(config_path, db_path), name, request))
-    except Failure as exc:
-        if "unknown device" in exc.message:
-            raise NotFound(exc.message) from exc
-        raise
+        command_id = asyncio.run(_enqueue(_db_path(config_path, db_path), name, request))
+    except UnknownDeviceError as exc:
+        raise NotFound(exc.diagnostic) from exc
+    except GatewayError as exc:
+        raise Failure(str(exc)) from exc
     if as_json:
         _print_json({"id": command_id, "device": name, "state": "queued"})
     else:

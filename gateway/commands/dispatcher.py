@@ -30,6 +30,7 @@ from gateway.commands import store
 from gateway.config import CommandsConfig
 from gateway.core.commands import CommandRequest, CommandState, outcome_of
 from gateway.core.model import StoredReading
+from gateway.errors import UnknownDeviceError
 from gateway.registry import RegistryEvent
 from gateway.store.writer import StoreWriter
 
@@ -87,10 +88,12 @@ class CommandDispatcher:
     async def submit(self, device: str, request: CommandRequest, *, origin: str = "api") -> int:
         now = self._clock()
 
-        async def op(conn: aiosqlite.Connection) -> int:
+        async def op(conn: aiosqlite.Connection) -> int | None:
             return await store.enqueue(conn, device, request, now=now, origin=origin)
 
-        command_id: int = await self._writer.transaction(op)
+        command_id = await self._writer.transaction(op)
+        if command_id is None:
+            raise UnknownDeviceError(f"unknown device {device!r:.70}", device=device)
         log.info(
             "command.queued",
             device=device,

@@ -14,7 +14,6 @@ from gateway.core.commands import (
     describe_payload,
     transition,
 )
-from gateway.errors import UnknownDeviceError
 from gateway.relay.events import record_event
 
 COMMAND_COLUMNS = (
@@ -87,11 +86,13 @@ class Pending:
 
 async def enqueue(
     conn: aiosqlite.Connection, device: str, request: CommandRequest, *, now: float, origin: str
-) -> int:
+) -> int | None:
+    """The new command's id, or None if there is no such device (never raises inside the
+    writer's transaction, where an exception would fail the other requests of the batch)."""
     async with conn.execute("SELECT id FROM devices WHERE name = ?", (device,)) as cursor:
         row = await cursor.fetchone()
     if row is None:
-        raise UnknownDeviceError(f"unknown device {device!r:.70}", device=device)
+        return None
     cursor = await conn.execute(
         "INSERT INTO commands (device_id, method, path, payload, content_format, state,"
         " created_at, expires_at, origin) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",

@@ -42,7 +42,9 @@ class LightResource(aiocoap.resource.Resource):  # type: ignore[misc]
             await asyncio.Event().wait()  # asleep: never answers
         changes = cbor2.loads(request.payload) if request.payload else {}
         self.device.set(**changes)
-        return aiocoap.Message(code=Code.CHANGED, payload=cbor2.dumps({"ok": True}), content_format=60)
+        return aiocoap.Message(
+            code=Code.CHANGED, payload=cbor2.dumps({"ok": True}), content_format=60
+        )
 
     render_put = _apply
     render_post = _apply
@@ -92,15 +94,20 @@ class FakeDevice:
         self.state.update(changes)
         self._state.updated_state()
 
-    async def request(self, code: Code, url: str, payload: bytes = b"", cf: int | None = None,
-                      query: str = "") -> aiocoap.Message:
+    async def request(
+        self, code: Code, url: str, payload: bytes = b"", cf: int | None = None, query: str = ""
+    ) -> aiocoap.Message:
         message = aiocoap.Message(code=code, uri=url + query, payload=payload)
         if cf is not None:
             message.opt.content_format = cf
         return await self.context.request(message).response
 
     async def register(
-        self, gateway_url: str, *, queue_mode: bool = False, lifetime: int = 300,
+        self,
+        gateway_url: str,
+        *,
+        queue_mode: bool = False,
+        lifetime: int = 300,
         links: bytes = b'</state>;rt="state";obs,</light>',
     ) -> str:
         query = f"?ep={self.name}&et={self.type}&lt={lifetime}" + ("&q" if queue_mode else "")
@@ -114,4 +121,6 @@ class FakeDevice:
         return await self.request(Code.POST, f"{gateway_url}/{self.registration}")
 
     async def post_reading(self, gateway_url: str, values: dict[str, Any]) -> aiocoap.Message:
-        return await self.request(Code.POST, f"{gateway_url}/r/{self.name}", cbor2.dumps(values), 60)
+        return await self.request(
+            Code.POST, f"{gateway_url}/r/{self.name}", cbor2.dumps(values), 60
+        )

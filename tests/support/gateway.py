@@ -138,6 +138,7 @@ class GatewayProcess:
             with self._changed:
                 self.events.append(event)
                 self._changed.notify_all()
+        process.stderr.close()  # EOF: the process is gone; a restart makes a new pipe
         with self._changed:
             self._changed.notify_all()
 
