@@ -52,7 +52,9 @@ async def main(observers: int, rounds: int) -> None:
                 while received < target and time.perf_counter() < deadline:
                     await asyncio.sleep(0.001)
                 if received < target:
-                    print(f"round {index}: {received}/{target}, stats {gateway.readings.fanout.stats}")
+                    print(
+                        f"round {index}: {received}/{target}, stats {gateway.readings.fanout.stats}"
+                    )
                     break
             elapsed = time.perf_counter() - started
             stats = gateway.readings.fanout.stats
@@ -67,5 +69,9 @@ async def main(observers: int, rounds: int) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(int(sys.argv[1]) if len(sys.argv) > 1 else 1000,
-                     int(sys.argv[2]) if len(sys.argv) > 2 else 20))
+    asyncio.run(
+        main(
+            int(sys.argv[1]) if len(sys.argv) > 1 else 1000,
+            int(sys.argv[2]) if len(sys.argv) > 2 else 20,
+        )
+    )
