@@ -31,6 +31,8 @@ async def main(observers: int, rounds: int) -> None:
             # Ten client endpoints: one socket's receive buffer cannot hold a burst of 1000.
             endpoints = [await aiocoap.Context.create_client_context() for _ in range(10)]
             received = 0
+            nonlocal_target = [0]
+            all_in = asyncio.Event()
             keep = []  # aiocoap ends an observation whose request object is dropped
             for number in range(observers):
                 request = endpoints[number % len(endpoints)].request(
@@ -42,20 +44,21 @@ async def main(observers: int, rounds: int) -> None:
                 def count(_message: aiocoap.Message) -> None:
                     nonlocal received
                     received += 1
+                    if received >= nonlocal_target[0]:
+                        all_in.set()
 
                 request.observation.register_callback(count)
             started = time.perf_counter()
             for index in range(rounds):
                 target = (index + 1) * observers
                 await post(client, url, "r/fridge-1", cbor2.dumps({"temp": float(index % 50)}))
-                deadline = time.perf_counter() + 30
-                while received < target and time.perf_counter() < deadline:
-                    await asyncio.sleep(0.001)
-                if received < target:
-                    print(
-                        f"round {index}: {received}/{target}, stats {gateway.readings.fanout.stats}"
-                    )
+                nonlocal_target[0] = target
+                try:
+                    await asyncio.wait_for(all_in.wait(), 30)
+                except TimeoutError:
+                    print(f"round {index}: {received}/{target} notifications arrived")
                     break
+                all_in.clear()
             elapsed = time.perf_counter() - started
             stats = gateway.readings.fanout.stats
             print(
