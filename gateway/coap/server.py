@@ -34,7 +34,7 @@ READING_CT = f"{CF_CBOR} {CF_SENML_CBOR} {CF_JSON} {CF_SENML_JSON}"
 
 CORE_LINKS = (
     PublishedResource(("rd",), {"rt": "core.rd", "ct": str(CF_LINK_FORMAT)}),
-    PublishedResource(("r",), {"rt": "coapgw.readings", "ct": READING_CT}),
+    PublishedResource(("r",), {"rt": "coapgw.readings", "ct": READING_CT, "obs": None}),
 )
 
 
