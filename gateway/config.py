@@ -116,6 +116,10 @@ class CommandsConfig:
     max_attempts: int = 3
     #: Devices being sent commands at the same time.
     max_in_flight: int = 64
+    #: Unsettled (queued or sent) commands one device may have; more are refused (5.03).
+    max_queued_per_device: int = 100
+    #: Max-Age (seconds) of that refusal: when the sender should try again.
+    queue_full_retry_after: int = 60
 
     def window(self, device_type: str) -> float:
         return self.wake_windows.get(device_type, self.wake_window)
@@ -311,6 +315,11 @@ def check_observe_commands(observe: ObserveConfig, commands: CommandsConfig) -> 
         raise ConfigError("observe timings must be positive", key="observe")
     if commands.max_attempts < 1 or commands.max_in_flight < 1:
         raise ConfigError("commands.max_attempts and max_in_flight must be at least 1")
+    if commands.max_queued_per_device < 1 or commands.queue_full_retry_after < 0:
+        raise ConfigError(
+            "commands.max_queued_per_device must be at least 1, queue_full_retry_after >= 0",
+            key="commands.max_queued_per_device",
+        )
     windows = [commands.wake_window, *commands.wake_windows.values()]
     if any(w <= 0 for w in windows) or commands.poll_interval <= 0:
         raise ConfigError("commands windows and poll_interval must be positive", key="commands")

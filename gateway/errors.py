@@ -94,6 +94,11 @@ class OverloadedError(DeviceError):
         self.max_age = max_age
 
 
+class QueueFullError(OverloadedError):
+    """A device already has `commands.max_queued_per_device` unsettled commands (5.03 with
+    Max-Age): it must take some before more are queued for it."""
+
+
 class UnauthorizedError(DeviceError):
     """No credential, or one the gateway does not know (4.01)."""
 

@@ -21,6 +21,7 @@ from gateway.cli.common import (
     NotFound,
     _console,
     _db_path,
+    _load,
     _print_json,
     _run,
     _when,
@@ -30,8 +31,15 @@ from gateway.cli.common import (
     json_option,
 )
 from gateway.commands import store
+from gateway.commands.dispatcher import queue_full_message
 from gateway.core.commands import METHODS, CommandRequest, check_command, payload_from_json
-from gateway.errors import DeviceError, GatewayError, StoreError, UnknownDeviceError
+from gateway.errors import (
+    DeviceError,
+    GatewayError,
+    QueueFullError,
+    StoreError,
+    UnknownDeviceError,
+)
 from gateway.store.db import open_database
 
 
@@ -40,7 +48,7 @@ def command() -> None:
     """Queue commands for devices and follow their state."""
 
 
-async def _enqueue(path: str, device: str, request: CommandRequest) -> int:
+async def _enqueue(path: str, device: str, request: CommandRequest, max_queued: int) -> int:
     if not Path(path).exists():
         raise StoreError(f"database not found: {path} (has the gateway run yet?)")
     conn = await open_database(path)
@@ -52,13 +60,18 @@ async def _enqueue(path: str, device: str, request: CommandRequest) -> int:
                 raise StoreError("the database has no command queue; run this gateway once")
         await conn.execute("BEGIN IMMEDIATE")
         try:
-            command_id = await store.enqueue(conn, device, request, now=time.time(), origin="cli")
+            command_id = await store.enqueue(
+                conn, device, request, now=time.time(), origin="cli", max_queued=max_queued
+            )
             await conn.execute("COMMIT")
         except BaseException:
             await conn.execute("ROLLBACK")
             raise
         if command_id is None:
             raise UnknownDeviceError(f"unknown device {device!r:.70}", device=device)
+        if isinstance(command_id, store.QueueFull):
+            message = queue_full_message(device, command_id.unsettled, max_queued)
+            raise QueueFullError(message, max_age=0, device=device)
         return command_id
     finally:
         await conn.close()
@@ -108,10 +121,15 @@ def command_send(
         request = check_command(method, path, payload, cf, ttl)
     except DeviceError as exc:
         raise click.UsageError(exc.diagnostic) from exc
+    config = _load(config_path)
+    database = db_path or config.store.path
+    limit = config.commands.max_queued_per_device
     try:
-        command_id = asyncio.run(_enqueue(_db_path(config_path, db_path), name, request))
+        command_id = asyncio.run(_enqueue(database, name, request, limit))
     except UnknownDeviceError as exc:
         raise NotFound(exc.diagnostic) from exc
+    except QueueFullError as exc:
+        raise Failure(f"{exc.diagnostic} (commands.max_queued_per_device)") from exc
     except GatewayError as exc:
         raise Failure(str(exc)) from exc
     if as_json:

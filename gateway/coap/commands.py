@@ -16,12 +16,12 @@ import structlog
 from aiocoap import Message, resource
 from aiocoap.numbers.codes import Code
 
-from gateway.coap.base import GatewayResource
+from gateway.coap.base import GatewayResource, error_response
 from gateway.commands import store
 from gateway.commands.dispatcher import CommandDispatcher
 from gateway.core.commands import parse_command_description
 from gateway.core.readings import CF_CBOR, CF_JSON
-from gateway.errors import NotAcceptableError, UnknownDeviceError
+from gateway.errors import NotAcceptableError, QueueFullError, UnknownDeviceError
 
 log = structlog.get_logger("gateway.coap")
 
@@ -64,7 +64,12 @@ class CommandsResource(GatewayResource, resource.PathCapable):  # type: ignore[m
         device = str(path[0])
         with structlog.contextvars.bound_contextvars(device=device):
             command = parse_command_description(request.payload, request.opt.content_format)
-            command_id = await self._dispatcher.submit(device, command, origin="coap")
+            try:
+                command_id = await self._dispatcher.submit(device, command, origin="coap")
+            except QueueFullError as exc:
+                # Answered here, not in GatewayResource.render: the dispatcher has already
+                # logged this refusal with its count, and one line per refusal is enough.
+                return error_response(exc)
         return Message(code=Code.CREATED, location_path=("cmd", device, str(command_id)))
 
     async def render_get(self, request: Message) -> Message:

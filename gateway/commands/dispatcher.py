@@ -30,7 +30,7 @@ from gateway.commands import store
 from gateway.config import CommandsConfig
 from gateway.core.commands import CommandRequest, CommandState, outcome_of
 from gateway.core.model import StoredReading
-from gateway.errors import UnknownDeviceError
+from gateway.errors import QueueFullError, UnknownDeviceError
 from gateway.registry import RegistryEvent
 from gateway.store.writer import StoreWriter
 
@@ -40,6 +40,13 @@ log = structlog.get_logger(__name__)
 def device_uri(address: str, path: str) -> str:
     """`host:port` (IPv6 hosts in brackets, as aiocoap writes them) and a path -> a URI."""
     return f"coap://{address}{path}"
+
+
+def queue_full_message(device: str, unsettled: int, limit: int) -> str:
+    return (
+        f"command queue of {device!r:.40} is full ({unsettled} unsettled, limit {limit});"
+        " retry after some are delivered"
+    )
 
 
 class CommandDispatcher:
@@ -61,6 +68,8 @@ class CommandDispatcher:
         self._windows: dict[str, float] = {}
         self._busy: set[str] = set()
         self._slots = asyncio.Semaphore(config.max_in_flight)
+        #: Commands refused because their device's queue was full, since start.
+        self.refused_full = 0
 
     # --- what wakes it ------------------------------------------------------------------
 
@@ -86,14 +95,36 @@ class CommandDispatcher:
         return self._windows.get(device, 0.0) > now
 
     async def submit(self, device: str, request: CommandRequest, *, origin: str = "api") -> int:
+        """Queue a command; UnknownDeviceError (4.04), or QueueFullError (5.03 with Max-Age)
+        when the device already has `max_queued_per_device` unsettled commands. A refusal is
+        logged here, once, with the running count."""
         now = self._clock()
+        limit = self._config.max_queued_per_device
 
-        async def op(conn: aiosqlite.Connection) -> int | None:
-            return await store.enqueue(conn, device, request, now=now, origin=origin)
+        async def op(conn: aiosqlite.Connection) -> int | store.QueueFull | None:
+            return await store.enqueue(
+                conn, device, request, now=now, origin=origin, max_queued=limit
+            )
 
         command_id = await self._writer.transaction(op)
         if command_id is None:
             raise UnknownDeviceError(f"unknown device {device!r:.70}", device=device)
+        if isinstance(command_id, store.QueueFull):
+            self.refused_full += 1
+            log.warning(
+                "command.queue_full",
+                outcome="refused",
+                device=device,
+                unsettled=command_id.unsettled,
+                limit=limit,
+                origin=origin,
+                count=self.refused_full,
+            )
+            raise QueueFullError(
+                queue_full_message(device, command_id.unsettled, limit),
+                max_age=self._config.queue_full_retry_after,
+                device=device,
+            )
         log.info(
             "command.queued",
             device=device,

@@ -85,15 +85,43 @@ class Pending:
     queue_mode: bool
 
 
+@dataclass(frozen=True, slots=True)
+class QueueFull:
+    """The device's queue is at its bound: `unsettled` commands are queued or sent."""
+
+    unsettled: int
+
+
+async def unsettled_count(conn: aiosqlite.Connection, device_id: int) -> int:
+    async with conn.execute(
+        "SELECT count(*) FROM commands WHERE device_id = ? AND state IN ('queued', 'sent')",
+        (device_id,),
+    ) as cursor:
+        row = await cursor.fetchone()
+    return int(row[0]) if row else 0
+
+
 async def enqueue(
-    conn: aiosqlite.Connection, device: str, request: CommandRequest, *, now: float, origin: str
-) -> int | None:
-    """The new command's id, or None if there is no such device (never raises inside the
-    writer's transaction, where an exception would fail the other requests of the batch)."""
+    conn: aiosqlite.Connection,
+    device: str,
+    request: CommandRequest,
+    *,
+    now: float,
+    origin: str,
+    max_queued: int | None = None,
+) -> int | QueueFull | None:
+    """The new command's id; None if there is no such device; `QueueFull` if the device
+    already has `max_queued` unsettled commands. Never raises inside the writer's
+    transaction, where an exception would fail the other requests of the batch; counting
+    and inserting in one transaction keeps the bound exact with concurrent senders."""
     async with conn.execute("SELECT id FROM devices WHERE name = ?", (device,)) as cursor:
         row = await cursor.fetchone()
     if row is None:
         return None
+    if max_queued is not None:
+        unsettled = await unsettled_count(conn, row[0])
+        if unsettled >= max_queued:
+            return QueueFull(unsettled)
     cursor = await conn.execute(
         "INSERT INTO commands (device_id, method, path, payload, content_format, state,"
         " created_at, expires_at, origin) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",

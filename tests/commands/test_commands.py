@@ -6,6 +6,7 @@ import asyncio
 import json
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ import aiocoap
 import cbor2
 import pytest
 from aiocoap.numbers.codes import Code
+from structlog.testing import capture_logs
 
 from gateway.app import Gateway
 from gateway.commands import store
@@ -216,3 +218,66 @@ async def test_cli_send_list_and_restart_keeps_queued_commands(
     finally:
         process.stop()
         first.stop()
+
+
+def cbor_command(url: str, device: str, dim: int) -> aiocoap.Message:
+    body = cbor2.dumps({"path": "/light", "payload": {"dim": dim}})
+    request = aiocoap.Message(code=Code.POST, uri=f"{url}/cmd/{device}", payload=body)
+    request.opt.content_format = 60
+    return request
+
+
+async def test_queue_per_device_is_bounded_over_coap_and_cli(
+    tmp_path: Path, tracker: FakeDevice, coap_client: aiocoap.Context
+) -> None:
+    config = gateway_config(
+        tmp_path,
+        commands={
+            "max_queued_per_device": 2,
+            "queue_full_retry_after": 7,
+            "wake_windows": {"tracker": 0.5},
+            "poll_interval": 0.1,
+        },
+    )
+    config_file = tmp_path / "gateway.toml"
+    config_file.write_text(
+        f'[store]\npath = "{config.store.path}"\n[commands]\nmax_queued_per_device = 2\n'
+    )
+    async with Gateway(config) as gateway:
+        url = base_url(config)
+        await tracker.register(url, queue_mode=True, links=b"")
+        await wait_until(lambda: not gateway.commands.window_open("tracker-1", time.time()))
+        for dim in (1, 2):
+            response = await coap_client.request(cbor_command(url, "tracker-1", dim)).response
+            assert response.code == Code.CREATED
+        with capture_logs() as logs:
+            refused = await coap_client.request(cbor_command(url, "tracker-1", 3)).response
+        assert refused.code == Code.SERVICE_UNAVAILABLE
+        assert refused.opt.max_age == 7
+        assert b"full" in refused.payload
+        lines = [line for line in logs if line["event"].startswith("command.")]
+        assert [(line["event"], line["count"], line["limit"]) for line in lines] == [
+            ("command.queue_full", 1, 2)
+        ]
+        assert gateway.commands.refused_full == 1
+
+        # The CLI refuses too, with a message and exit code 1.
+        sent = await asyncio.to_thread(
+            cli, "command", "send", "tracker-1", "/light", "--config", str(config_file)
+        )
+        assert sent.returncode == 1
+        assert "full" in sent.stderr and "max_queued_per_device" in sent.stderr
+        listed = await store.list_commands(gateway.reader, device="tracker-1")
+        assert [row.as_dict()["payload"] for row in listed] == [{"dim": 1}, {"dim": 2}]
+
+        # The bound lifts once the device has taken its commands.
+        await tracker.post_reading(url, {"battery": 80})
+        await wait_until(lambda: len(tracker.commands) == 2)
+        await wait_until(lambda: all_settled(gateway, "tracker-1"))
+        response = await coap_client.request(cbor_command(url, "tracker-1", 4)).response
+        assert response.code == Code.CREATED
+
+
+async def all_settled(gateway: Gateway, device: str) -> bool:
+    rows = await store.list_commands(gateway.reader, device=device)
+    return all(row.state == "acknowledged" for row in rows)
