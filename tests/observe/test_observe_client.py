@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 from aiocoap.numbers.codes import Code
+from structlog.testing import capture_logs
 
 from gateway.app import Gateway
 from gateway.store.queries import list_readings
 from tests.support.devices import FakeDevice
-from tests.support.gateway import base_url, wait_until
+from tests.support.gateway import base_url, gateway_config, wait_until
 
 
 @pytest.fixture
@@ -103,3 +105,41 @@ async def test_deregistration_cancels_observation(gateway: Gateway, light: FakeD
         await asyncio.sleep(0.2)
     await wait_until(lambda: light.observers == 0)
     assert not {1, 2, 3} & set(await values_of(gateway, "light-1", "dim"))
+
+
+@pytest.mark.parametrize(
+    ("observe", "device_max_age", "limit"),
+    [
+        # No notification for `reestablish_after` seconds ...
+        ({"reestablish_after": 1.0}, 60, 1.0),
+        # ... or for the device's Max-Age plus `grace`, whichever is shorter.
+        ({"grace": 0.5}, 1, 1.5),
+    ],
+    ids=["reestablish_after", "max_age_plus_grace"],
+)
+async def test_silent_observation_is_reestablished(
+    tmp_path: Path, light: FakeDevice, observe: dict[str, float], device_max_age: int, limit: float
+) -> None:
+    light.max_age = device_max_age
+    config = gateway_config(tmp_path, observe={**observe, "retry_after": 0.2})
+    async with Gateway(config) as gateway:
+        await light.register(base_url(config))
+        await wait_until(lambda: light.observers == 1)
+        await wait_until(lambda: _last_is(gateway, "dim", 80))
+        gets = light.gets
+
+        # The device reboots on the same address and port and forgets its observers; the
+        # gateway hears nothing: no RST, no re-registration, just silence.
+        await light.restart_on_same_port()
+        assert light.observers == 0
+        with capture_logs() as logs:
+            # The silence is timed from the last notification, before the reboot.
+            await wait_until(lambda: light.observers == 1, within=limit + 1.5)
+        assert light.gets > gets
+        assert "observe.silent" in [line["event"] for line in logs]
+        assert gateway.observer.observing("light-1") == {"/state": f"127.0.0.1:{light.port}"}
+
+        # Re-established: the current state was already stored, the next change is stored.
+        light.set(dim=12)
+        await wait_until(lambda: _last_is(gateway, "dim", 12))
+        assert await values_of(gateway, "light-1", "dim") == [80, 12]

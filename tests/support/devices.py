@@ -90,6 +90,12 @@ class FakeDevice:
         self._state = StateResource(self)
         await self.start()
 
+    async def restart_on_same_port(self) -> None:
+        """A reboot that keeps the address: observers forgotten, nobody told."""
+        await self.stop()
+        self._state = StateResource(self)
+        await self.start(self.port)
+
     def set(self, **changes: Any) -> None:
         self.state.update(changes)
         self._state.updated_state()
