@@ -183,6 +183,7 @@ class Gateway:
         self.writer.add_commit_listener(self.commands.on_commit)
         for listener in (
             self.devices.on_registry_event,
+            self.readings.on_registry_event,
             self.commands.on_registry_event,
             self.observer.on_registry_event,
         ):

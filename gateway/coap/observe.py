@@ -3,6 +3,8 @@
 `GET /r/NAME` with Observe: 0 notifies on every committed reading of that device; the
 notifications come from the store's commit listener (`on_commit`), so POSTed readings,
 readings from observed devices and replays all notify, and only committed ones do.
+When a device's registration is removed or expires, the observers of its `/r/NAME` get a
+final 4.04 (RFC 7641 §3.2), which ends their observations.
 `GET /devices` with Observe: 0 notifies on registrations, updates, removals and expiries.
 Fan-out, coalescing and confirmable notifications: `gateway.observe.fanout`.
 """
@@ -100,6 +102,17 @@ class ObservableReadingsResource(ReadingsResource, interfaces.ObservableResource
                 reading.measurement, reading.value, reading.unit, reading.time
             )
             self.fanout.mark(reading.device.name)
+
+    def on_registry_event(self, event: RegistryEvent) -> None:
+        """A device whose registration is removed or expires has disappeared: its observers
+        get a final 4.04 that ends their observations. Its latest values stay readable,
+        and a new observation of it is accepted."""
+        if event.kind not in ("removed", "expired"):
+            return
+        name = event.device.name
+        told = self.fanout.end(name, f"device {name!r:.60} {event.kind}: registration ended")
+        if told:
+            log.info("observe.device_gone", device=name, reason=event.kind, observers=told)
 
     async def _render(self, name: str, formats: frozenset[int]) -> dict[int, bytes] | None:
         values = sorted(self._latest.get(name, {}).values(), key=lambda value: value.name)

@@ -28,6 +28,7 @@ from aiocoap import CON, NON, Message
 from aiocoap.numbers.codes import Code
 
 from gateway.config import ObserveConfig
+from gateway.core.readings import CF_TEXT
 
 log = structlog.get_logger(__name__)
 
@@ -105,6 +106,20 @@ class Fanout:
 
     def keys(self) -> Iterable[str]:
         return self._observers.keys()
+
+    def end(self, key: str, diagnostic: str) -> int:
+        """Tell every observer of `key` it is gone (a final 4.04, RFC 7641 §3.2) and so end
+        their observations; returns how many were told. Observers that arrive later are not
+        affected. Confirmable, so the observer learns it even if one datagram is lost."""
+        observers = list(self._observers.get(key, ()))
+        for observer in observers:
+            message = Message(
+                code=Code.NOT_FOUND, payload=diagnostic.encode("utf-8"), content_format=CF_TEXT
+            )
+            message.mtype = CON
+            observer.observation.trigger(message, is_last=True)
+        self._dirty.pop(key, None)
+        return len(observers)
 
     # --- changes ------------------------------------------------------------------------
 

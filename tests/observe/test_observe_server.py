@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import subprocess
 from typing import Any
 
 import aiocoap
 import cbor2
+import pytest
 from aiocoap import CON, NON
 from aiocoap.numbers.codes import Code
 
@@ -200,3 +202,115 @@ async def test_libcoap_deregistration_ends_observation(
     await asyncio.wait_for(process.communicate(), 10)
     # libcoap deregisters when its -s time is up
     await wait_until(lambda: gateway.readings.fanout.count("fridge-1") == 1)
+
+
+class RawObserver:
+    """An observer on a plain UDP socket, so every notification is seen as it is on the wire
+    (aiocoap's client hands an observation's final error to no one)."""
+
+    def __init__(self, gateway_url: str) -> None:
+        host, port = gateway_url.removeprefix("coap://").rsplit(":", 1)
+        self.address = (host, int(port))
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.setblocking(False)
+
+    async def observe(self, path: str) -> aiocoap.Message:
+        # Hand-built so the test owns every byte: CON GET, message id 1, token "ob",
+        # Observe (6) = 0 (empty), then Uri-Path (11) segments.
+        options = bytes([0x60])
+        delta = 11 - 6
+        for segment in path.encode().split(b"/"):
+            assert len(segment) < 13
+            options += bytes([delta << 4 | len(segment)]) + segment
+            delta = 0
+        datagram = bytes([0x42, Code.GET, 0x00, 0x01]) + b"ob" + options
+        await asyncio.get_running_loop().sock_sendto(self.sock, datagram, self.address)
+        return await self.receive()
+
+    async def receive(self, within: float = 5.0) -> aiocoap.Message:
+        loop = asyncio.get_running_loop()
+        while True:
+            data = await asyncio.wait_for(loop.sock_recv(self.sock, 2048), within)
+            message = aiocoap.Message.decode(data)
+            if data[0] >> 4 & 0x3 == 0:  # confirmable: acknowledge (empty ACK, same id)
+                ack = bytes([0x60, 0x00]) + data[2:4]
+                await loop.sock_sendto(self.sock, ack, self.address)
+            if message.code != Code.EMPTY:
+                return message
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+async def test_deregistered_device_ends_its_observations_with_404(
+    gateway: Gateway, gateway_url: str, coap_client: aiocoap.Context
+) -> None:
+    gone = await register(coap_client, gateway_url, "fridge-1", "fridge")
+    await register(coap_client, gateway_url, "fridge-2", "fridge")
+    await post(coap_client, gateway_url, "r/fridge-1", cbor2.dumps({"temp": 1.0}))
+    raw = RawObserver(gateway_url)
+    try:
+        first = await raw.observe("r/fridge-1")
+        assert first.code == Code.CONTENT and first.opt.observe is not None
+        watched = observe(coap_client, f"{gateway_url}/r/fridge-1")
+        other = observe(coap_client, f"{gateway_url}/r/fridge-2")
+        await watched.response
+        await other.response
+        await wait_until(lambda: gateway.readings.fanout.count() == 3)
+
+        request = aiocoap.Message(code=Code.DELETE, uri=f"{gateway_url}/{gone}")
+        assert (await coap_client.request(request).response).code == Code.DELETED
+        final = await raw.receive()
+        assert final.code == Code.NOT_FOUND and final.token == b"ob"
+        assert b"removed" in final.payload
+        assert final.opt.observe is None and final.mtype == CON
+        # aiocoap's client ends the observation at the 4.04.
+        with pytest.raises(StopAsyncIteration):
+            await next_notification(watched.observation.__aiter__())
+        await wait_until(lambda: gateway.readings.fanout.count("fridge-1") == 0)
+        # Nothing more for the ended observation, even when the device posts again.
+        await post(coap_client, gateway_url, "r/fridge-1", cbor2.dumps({"temp": 3.0}))
+        with pytest.raises(TimeoutError):
+            await raw.receive(within=0.3)
+    finally:
+        raw.close()
+
+    # The other device's observer is untouched and still notified.
+    assert gateway.readings.fanout.count("fridge-2") == 1
+    others = other.observation.__aiter__()
+    await post(coap_client, gateway_url, "r/fridge-2", cbor2.dumps({"temp": 2.0}))
+    notification = await next_notification(others)
+    assert cbor2.loads(notification.payload)["temp"]["v"] == 2.0
+
+
+async def test_expired_registration_ends_libcoap_observation(
+    gateway: Gateway, gateway_url: str, coap_client: aiocoap.Context
+) -> None:
+    await register(coap_client, gateway_url, "fridge-1", "fridge", lifetime=10)
+    await post(coap_client, gateway_url, "r/fridge-1", cbor2.dumps({"temp": 1.0}))
+    process = await asyncio.create_subprocess_exec(
+        "/usr/bin/coap-client-notls",
+        "-s",
+        "30",
+        "-m",
+        "get",
+        f"{gateway_url}/r/fridge-1",
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        await wait_until(lambda: gateway.readings.fanout.count("fridge-1") == 1)
+
+        async def lifetime_over(conn: Any) -> None:
+            await conn.execute("UPDATE registrations SET expires_at = 0")
+
+        await gateway.writer.transaction(lifetime_over)  # the expiry loop removes it shortly
+        # libcoap 4.3 prints an error response on stderr (and keeps waiting out -s).
+        assert process.stderr is not None
+        line = await asyncio.wait_for(process.stderr.readline(), 10)
+        assert line.startswith(b"4.04 ") and b"expired" in line, line
+    finally:
+        process.kill()
+        await process.wait()
+    await wait_until(lambda: gateway.readings.fanout.count("fridge-1") == 0)
