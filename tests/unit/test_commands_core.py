@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.config import config_from_mapping
+from gateway.config import check_config, config_from_mapping
 from gateway.core.commands import (
     TRANSITIONS,
     CommandState,
@@ -17,7 +17,7 @@ from gateway.core.commands import (
     parse_command_description,
     transition,
 )
-from gateway.errors import DeviceError
+from gateway.errors import ConfigError, DeviceError
 
 
 @pytest.mark.parametrize("current", list(CommandState))
@@ -64,3 +64,11 @@ def test_config_sections() -> None:
     )
     assert config.observe.paths == {"streetlight": ("/state",)}
     assert config.commands.window("tracker") == 10 and config.commands.window("fridge") == 5
+    assert config.commands.max_queued_per_device == 100
+
+
+@pytest.mark.parametrize("commands", [{"max_queued_per_device": 0}, {"queue_full_retry_after": -1}])
+def test_queue_bound_must_be_sane(commands: dict[str, int]) -> None:
+    with pytest.raises(ConfigError) as caught:
+        check_config(config_from_mapping({"commands": commands}))
+    assert caught.value.key == "commands.max_queued_per_device"
