@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 import aiosqlite
 import click
@@ -173,39 +173,6 @@ def devices_add(
     _report(identity, path, "added", as_json)
 
 
-@devices.command("rotate-credentials")
-@click.argument("name")
-@out_option
-@pattern_option
-@db_option
-@config_option
-@json_option
-def devices_rotate(
-    name: str,
-    out_dir: str,
-    uri_pattern: str,
-    db_path: str | None,
-    config_path: str | None,
-    as_json: bool,
-) -> None:
-    """New OSCORE credentials for NAME; the old ones stop working within a second."""
-    identity = Identity("device", name)
-    path = _issue(_db_path(config_path, db_path), identity, out_dir, uri_pattern, rotate=True)
-    _report(identity, path, "rotated", as_json)
-
-
-@devices.command("revoke")
-@click.argument("name")
-@db_option
-@config_option
-@json_option
-def devices_revoke(name: str, db_path: str | None, config_path: str | None, as_json: bool) -> None:
-    """Revoke NAME's credentials; its requests are refused (4.01) within a second."""
-    identity = Identity("device", name)
-    _revoke(_db_path(config_path, db_path), identity)
-    _report(identity, None, "revoked", as_json)
-
-
 # --- operators -------------------------------------------------------------------------------
 
 
@@ -235,36 +202,44 @@ def operators_add(
     _report(identity, path, "added", as_json)
 
 
-@operators.command("rotate-credentials")
-@click.argument("name")
-@out_option
-@pattern_option
-@db_option
-@config_option
-@json_option
-def operators_rotate(
-    name: str,
-    out_dir: str,
-    uri_pattern: str,
-    db_path: str | None,
-    config_path: str | None,
-    as_json: bool,
-) -> None:
-    """New credentials for operator NAME; the old ones stop working within a second."""
-    identity = Identity("operator", name)
-    path = _issue(_db_path(config_path, db_path), identity, out_dir, uri_pattern, rotate=True)
-    _report(identity, path, "rotated", as_json)
+def add_rotate_and_revoke(group: click.Group, role: Literal["device", "operator"]) -> None:
+    """`rotate-credentials NAME` and `revoke NAME`, the same for devices and operators."""
+    who = "NAME" if role == "device" else "operator NAME"
+
+    @group.command(
+        "rotate-credentials",
+        help=f"New credentials for {who}; the old ones stop working within a second.",
+    )
+    @click.argument("name")
+    @out_option
+    @pattern_option
+    @db_option
+    @config_option
+    @json_option
+    def rotate(
+        name: str,
+        out_dir: str,
+        uri_pattern: str,
+        db_path: str | None,
+        config_path: str | None,
+        as_json: bool,
+    ) -> None:
+        identity = Identity(role, name)
+        path = _issue(_db_path(config_path, db_path), identity, out_dir, uri_pattern, rotate=True)
+        _report(identity, path, "rotated", as_json)
+
+    @group.command(
+        "revoke", help=f"Revoke {who}'s credentials; its requests are refused within a second."
+    )
+    @click.argument("name")
+    @db_option
+    @config_option
+    @json_option
+    def revoke(name: str, db_path: str | None, config_path: str | None, as_json: bool) -> None:
+        identity = Identity(role, name)
+        _revoke(_db_path(config_path, db_path), identity)
+        _report(identity, None, "revoked", as_json)
 
 
-@operators.command("revoke")
-@click.argument("name")
-@db_option
-@config_option
-@json_option
-def operators_revoke(
-    name: str, db_path: str | None, config_path: str | None, as_json: bool
-) -> None:
-    """Revoke operator NAME's credentials."""
-    identity = Identity("operator", name)
-    _revoke(_db_path(config_path, db_path), identity)
-    _report(identity, None, "revoked", as_json)
+add_rotate_and_revoke(devices, "device")
+add_rotate_and_revoke(operators, "operator")
