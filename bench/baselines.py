@@ -1,7 +1,8 @@
 """Baseline servers the gateway is measured against, each meant to run in its own process.
 
 - `aiocoap`: a bare aiocoap server with the default transport and a `Site`, whose `/r/NAME`
-  resource only decodes the CBOR payload and answers 2.04: what aiocoap costs by itself.
+  resource only decodes the CBOR payload and answers 2.04: what aiocoap costs by itself
+  (its `/rd` answers 2.01 and stores nothing, a baseline for registration rates).
 - `minimal`: an asyncio UDP responder answering every CON with a piggybacked, empty 2.04
   ACK: the ceiling for Python on this machine.
 
@@ -50,8 +51,13 @@ async def serve_aiocoap(port: int, stop: asyncio.Event) -> None:
             cbor2.loads(request.payload)
             return aiocoap.Message(code=aiocoap.CHANGED)
 
+    class Directory(aiocoap.resource.Resource):  # type: ignore[misc]
+        async def render_post(self, request: aiocoap.Message) -> aiocoap.Message:
+            return aiocoap.Message(code=aiocoap.CREATED, location_path=("rd", "x"))
+
     site = aiocoap.resource.Site()
     site.add_resource(("r",), Readings())
+    site.add_resource(("rd",), Directory())
     context = await aiocoap.Context.create_server_context(site, bind=("127.0.0.1", port))
     print("ready", flush=True)
     await stop.wait()

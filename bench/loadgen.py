@@ -452,6 +452,7 @@ class LoadGenerator:
             self._stats.duration = time.perf_counter() - started
             self._measuring = False
             self._refill = False
+            self._done.clear()  # an open loop may have run dry before: only now counts
             self._check_done()
             if self._inflight:
                 try:
