@@ -515,7 +515,7 @@ async def _main(args: argparse.Namespace) -> None:
         stats = await gen.run(
             workload, duration=args.duration, window=args.window, rate=args.rate, warmup=1.0
         )
-        print("readings", stats.summary())
+        print("readings", stats.summary(), f"acknowledged {len(gen.acknowledged)}")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ still pending at the deadline is logged.
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 import time
 from collections.abc import Callable, Coroutine
@@ -92,7 +93,12 @@ class Gateway:
 
         self.site = self._build_site()
         self.coap = await stack.enter_async_context(
-            CoapServer(self.site, bind=config.server.bind, port=config.server.port)
+            CoapServer(
+                self.site,
+                bind=config.server.bind,
+                port=config.server.port,
+                transport=config.server.transport,
+            )
         )
 
     def _spawn(self, coroutine: Coroutine[Any, Any, None], name: str) -> None:
@@ -145,6 +151,26 @@ class Gateway:
             await asyncio.sleep(self.config.store.prune_interval)
 
 
+#: Allocations between young-generation collections (CPython's default is 700).
+GC_YOUNG_THRESHOLD = 50_000
+
+
+def tune_gc() -> None:
+    """Make the cyclic garbage collector cheap for a server that allocates per packet.
+
+    Every request allocates a few dozen short-lived objects and aiocoap keeps each answer
+    for its deduplication window (EXCHANGE_LIFETIME, about 4 minutes), so at the default
+    thresholds the collector runs hundreds of times a second and its full collections walk
+    every cached answer: measured with bench/, that cost a quarter of the throughput and put
+    100-300 ms pauses into the p99 latency. Objects made at start-up are frozen (never
+    scanned again) and young collections happen every 50,000 allocations instead of 700;
+    reference counting still frees everything that is not in a cycle at once.
+    """
+    gc.freeze()
+    _, middle, old = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
+
+
 async def serve(config: GatewayConfig, *, ready: Callable[[Gateway], None] | None = None) -> None:
     """Run the gateway until SIGINT or SIGTERM."""
     stop = asyncio.Event()
@@ -160,6 +186,7 @@ async def serve(config: GatewayConfig, *, ready: Callable[[Gateway], None] | Non
                 db=config.store.path,
                 devices=len(gateway.registry),
             )
+            tune_gc()
             if ready is not None:
                 ready(gateway)
             await stop.wait()

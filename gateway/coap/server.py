@@ -2,6 +2,15 @@
 
 aiocoap's `Context` has no `async with`; `CoapServer` wraps its creation and shutdown so the
 gateway's exit stack can own it like any other long-lived part.
+
+Two choices here are about speed, measured with bench/ (docs/performance.md):
+- `RoutingSite` dispatches like aiocoap's `Site` but strips the matched path from the request
+  in place; `Site` builds the full request URI (for its `_original_request_uri`) and copies
+  the whole message for every request, which costs more than the rest of the dispatch.
+- The transport: aiocoap's `udp6` reads ancillary data (the local address) for every
+  datagram, which a server bound to one address does not need; `simplesocketserver` reads
+  plain datagrams, but cannot bind the any-address. `server.transport = "auto"` picks
+  `udp6` for `::` / `0.0.0.0` and `simplesocketserver` for a specific address.
 """
 
 from __future__ import annotations
@@ -38,11 +47,52 @@ CORE_LINKS = (
 )
 
 
+ANY_ADDRESSES = ("::", "0.0.0.0", "")
+
+
+def choose_transport(bind: str, configured: str = "auto") -> str:
+    """The aiocoap server transport for a bind address (see the module docstring)."""
+    if configured != "auto":
+        return configured
+    return "udp6" if bind in ANY_ADDRESSES else "simplesocketserver"
+
+
+class RoutingSite(resource.Site):  # type: ignore[misc]
+    """aiocoap's `Site`, routing without building the request URI or copying the request.
+
+    The matched prefix is removed from the request's Uri-Path in place (the request belongs
+    to this exchange alone) and remembered in `routed_path`, so routing the same request
+    again (aiocoap asks for block-wise and observation decisions separately) finds the same
+    child with the same remainder.
+    """
+
+    def _find_child_and_pathstripped_message(self, request: Any) -> tuple[Any, Any]:
+        path = getattr(request, "routed_path", None)
+        if path is None:
+            path = tuple(request.opt.uri_path)
+        child = self._resources.get(path)
+        remainder: tuple[str, ...] = ()
+        if child is None:
+            # Longest registered prefix that leaves at least one segment, as Site does.
+            for cut in range(len(path) - 1, 0, -1):
+                child = self._subsites.get(path[:cut])
+                if child is not None:
+                    remainder = path[cut:]
+                    break
+            else:
+                raise KeyError(path)
+            if remainder == ("",):
+                remainder = ()  # sub-sites see their root resource like sites
+        request.routed_path = path
+        request.opt.uri_path = remainder
+        return child, request
+
+
 class GatewaySite:
     """Builds the aiocoap Site and remembers what /.well-known/core announces."""
 
     def __init__(self) -> None:
-        self.site = resource.Site()
+        self.site = RoutingSite()
         self._published: list[PublishedResource] = []
         self.site.add_resource(
             (".well-known", "core"), resource.WKCResource(self._links, impl_info=None)
@@ -60,11 +110,11 @@ class GatewaySite:
 
 
 class CoapServer:
-    def __init__(self, site: GatewaySite, *, bind: str, port: int, transport: str = "udp6") -> None:
+    def __init__(self, site: GatewaySite, *, bind: str, port: int, transport: str = "auto") -> None:
         self._site = site
         self._bind = bind
         self._port = port
-        self._transport = transport
+        self._transport = choose_transport(bind, transport)
         self.context: Any = None
 
     async def __aenter__(self) -> CoapServer:
