@@ -28,5 +28,10 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix gateway device_sim tests
 	$(BIN)/ruff format gateway device_sim tests
 
+# Figures against baselines measured in the same run (docs/performance.md); BENCH_QUICK=1
+# for a ~30 s smoke run.
+bench: $(STAMP)
+	$(BIN)/python bench/run.py
+
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

@@ -18,9 +18,11 @@ import signal
 import sys
 from typing import Any
 
+
 def pin(cpu: int | None) -> None:
     if cpu is not None and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {cpu})
+
 
 class MinimalResponder(asyncio.DatagramProtocol):
     def connection_made(self, transport: Any) -> None:
@@ -32,6 +34,7 @@ class MinimalResponder(asyncio.DatagramProtocol):
         tkl = data[0] & 0x0F
         self.transport.sendto(bytes((0x60 | tkl, 0x44)) + data[2 : 4 + tkl], addr)
 
+
 async def serve_minimal(port: int, stop: asyncio.Event) -> None:
     loop = asyncio.get_running_loop()
     transport, _ = await loop.create_datagram_endpoint(
@@ -40,6 +43,7 @@ async def serve_minimal(port: int, stop: asyncio.Event) -> None:
     print("ready", flush=True)
     await stop.wait()
     transport.close()
+
 
 async def serve_aiocoap(port: int, stop: asyncio.Event) -> None:
     import aiocoap
@@ -63,6 +67,7 @@ async def serve_aiocoap(port: int, stop: asyncio.Event) -> None:
     await stop.wait()
     await context.shutdown()
 
+
 async def main(kind: str, port: int) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -74,6 +79,7 @@ async def main(kind: str, port: int) -> None:
         await serve_aiocoap(port, stop)
     else:
         raise SystemExit(f"unknown baseline {kind!r}: use minimal or aiocoap")
+
 
 if __name__ == "__main__":
     pin(int(sys.argv[3]) if len(sys.argv) > 3 else None)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import math
 import random
@@ -158,7 +159,9 @@ class SenmlPacks:
         records: list[dict[int, Any]] = [
             {-3: bt, -4: "Cel", 0: "temp", 2: 3.0 + rng.randrange(12) / 4}
         ]
-        records += [{0: "temp", 2: 3.0 + rng.randrange(12) / 4, 6: t} for t in range(1, self.records)]
+        records += [
+            {0: "temp", 2: 3.0 + rng.randrange(12) / 4, 6: t} for t in range(1, self.records)
+        ]
         payload = cbor2.dumps(records, canonical=True)
         return Request(self._prefix[index] + payload, (self._names[index], bt), self.records)
 
@@ -166,7 +169,9 @@ class SenmlPacks:
 class Registrations:
     """`POST /rd?ep=NAME&et=TYPE&lt=...`: each name once, spread over the sockets."""
 
-    def __init__(self, names: Iterable[str], *, device_type: str = "fridge", lifetime: int = 86_400):
+    def __init__(
+        self, names: Iterable[str], *, device_type: str = "fridge", lifetime: int = 86_400
+    ):
         self._names = iter(names)
         self._type = device_type
         self._lifetime = lifetime
@@ -230,14 +235,16 @@ class Stats:
 class _Pending:
     __slots__ = ("deadline", "first_sent", "mid", "request", "slot", "token", "tries", "waiting")
 
-    def __init__(self, slot: int, mid: int, token: bytes, request: Request, now: float):
+    def __init__(
+        self, slot: int, mid: int, token: bytes, request: Request, now: float, timeout: float
+    ):
         self.slot = slot
         self.mid = mid
         self.token = token
         self.request = request
         self.first_sent = now
         self.tries = 0
-        self.deadline = now + ACK_TIMEOUT
+        self.deadline = now + timeout
         self.waiting = False  # empty ACK seen: no more retransmissions, wait for the response
 
 
@@ -266,8 +273,11 @@ class _Socket(asyncio.DatagramProtocol):
 class LoadGenerator:
     """`sockets` UDP sockets towards `target`; `run` drives one workload through them."""
 
-    def __init__(self, target: tuple[str, int], *, sockets: int = 64) -> None:
+    def __init__(
+        self, target: tuple[str, int], *, sockets: int = 64, ack_timeout: float = ACK_TIMEOUT
+    ) -> None:
         self._target = target
+        self._ack_timeout = ack_timeout
         self._count = sockets
         self._sockets: list[_Socket] = []
         self._idle: deque[int] = deque()
@@ -313,7 +323,7 @@ class LoadGenerator:
         sock.token = (sock.token + 1) & 0xFFFFFFFF
         token = struct.pack("!I", sock.token)
         now = time.perf_counter()
-        pending = _Pending(slot, mid, token, request, now)
+        pending = _Pending(slot, mid, token, request, now, self._ack_timeout)
         sock.by_mid[mid] = pending
         sock.by_token[token] = pending
         self._inflight += 1
@@ -334,7 +344,7 @@ class LoadGenerator:
         first, code, mid = data[0], data[1], (data[2] << 8) | data[3]
         mtype = (first >> 4) & 0x03
         tkl = first & 0x0F
-        if mtype == ACK or mtype == RST:
+        if mtype in (ACK, RST):
             pending = sock.by_mid.get(mid)
             if pending is None or pending.waiting:
                 return  # a duplicate ACK, or one for a request already answered
@@ -342,7 +352,7 @@ class LoadGenerator:
                 self._complete(sock, pending, "RST", piggybacked=False)
             elif code == 0:
                 pending.waiting = True
-                pending.deadline = time.perf_counter() + ACK_TIMEOUT * (MAX_RETRANSMIT + 2)
+                pending.deadline = time.perf_counter() + self._ack_timeout * (MAX_RETRANSMIT + 2)
             else:
                 self._complete(sock, pending, code_text(code), piggybacked=True)
             return
@@ -398,7 +408,7 @@ class LoadGenerator:
                         self._idle.append(pending.slot)
                         continue
                     pending.tries += 1
-                    pending.deadline = now + ACK_TIMEOUT * (2**pending.tries)
+                    pending.deadline = now + self._ack_timeout * (2**pending.tries)
                     self._stats.retransmissions += 1
                     sock.transport.sendto(
                         _datagram(CON, POST, pending.mid, pending.token, pending.request.body)
@@ -455,10 +465,8 @@ class LoadGenerator:
             self._done.clear()  # an open loop may have run dry before: only now counts
             self._check_done()
             if self._inflight:
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._done.wait(), drain)
-                except TimeoutError:
-                    pass
         finally:
             sweeper.cancel()
             self._refill = False
@@ -485,9 +493,9 @@ class LoadGenerator:
             due = int(elapsed * rate)
             while sent < due:
                 sent += 1
-                if self._inflight >= window or not self._send_next():
-                    if self._measuring:
-                        self._stats.skipped += 1
+                no_room = self._inflight >= window or not self._send_next()
+                if no_room and self._measuring:
+                    self._stats.skipped += 1
             await asyncio.sleep(tick)
         return started
 
@@ -507,11 +515,7 @@ async def _main(args: argparse.Namespace) -> None:
         if args.register:
             stats = await gen.run(Registrations(names), window=args.window)
             print("register", stats.summary())
-        workload: Workload
-        if args.senml:
-            workload = SenmlPacks(names, args.senml)
-        else:
-            workload = CborReadings(names)
+        workload: Workload = SenmlPacks(names, args.senml) if args.senml else CborReadings(names)
         stats = await gen.run(
             workload, duration=args.duration, window=args.window, rate=args.rate, warmup=1.0
         )

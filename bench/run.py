@@ -127,13 +127,18 @@ def _pinned() -> None:
         os.sched_setaffinity(0, {SERVER_CPU})
 
 
-@contextlib.asynccontextmanager
-async def running(name: str, argv: Sequence[str], port: int, log: Path) -> AsyncIterator[Server]:
+def spawn(argv: Sequence[str], log: Path) -> subprocess.Popen[bytes]:
+    """Start a server process on the server CPU, its output going to `log`."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     with open(log, "ab") as logfile:
-        process = subprocess.Popen(
+        return subprocess.Popen(
             list(argv), cwd=REPO, env=env, stdout=logfile, stderr=logfile, preexec_fn=_pinned
         )
+
+
+@contextlib.asynccontextmanager
+async def running(name: str, argv: Sequence[str], port: int, log: Path) -> AsyncIterator[Server]:
+    process = spawn(argv, log)
     try:
         await ping(port)
         yield Server(name, port, process)
@@ -171,14 +176,33 @@ class Report:
     rows: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
-    def add(self, figure: str, what: str, value: float, unit: str, base: str, base_value: float,
-            **extra: Any) -> None:
+    def add(
+        self,
+        figure: str,
+        what: str,
+        value: float,
+        unit: str,
+        base: str,
+        base_value: float,
+        **extra: Any,
+    ) -> None:
         ratio = value / base_value if base_value else float("nan")
-        row = {"figure": figure, "what": what, "value": value, "unit": unit,
-               "baseline": base, "baseline_value": base_value, "ratio": ratio, **extra}
+        row = {
+            "figure": figure,
+            "what": what,
+            "value": value,
+            "unit": unit,
+            "baseline": base,
+            "baseline_value": base_value,
+            "ratio": ratio,
+            **extra,
+        }
         self.rows.append(row)
-        print(f"  {figure:<4} {what:<44} {value:>10.1f} {unit:<10}"
-              f" vs {base:<26} {base_value:>10.1f}  = {ratio:5.2f}x", flush=True)
+        print(
+            f"  {figure:<4} {what:<44} {value:>10.1f} {unit:<10}"
+            f" vs {base:<26} {base_value:>10.1f}  = {ratio:5.2f}x",
+            flush=True,
+        )
 
     def note(self, text: str) -> None:
         self.notes.append(text)
@@ -189,8 +213,9 @@ def show(label: str, stats: Stats) -> None:
     print(f"    {label:<28} {stats.summary()}", flush=True)
 
 
-async def closed(port: int, workload: Any, names: list[str], *, window: int = WINDOW,
-                 register: bool = False) -> tuple[Stats, LoadGenerator]:
+async def closed(
+    port: int, workload: Any, names: list[str], *, window: int = WINDOW, register: bool = False
+) -> tuple[Stats, LoadGenerator]:
     gen = LoadGenerator(("127.0.0.1", port), sockets=len(names))
     async with gen:
         if register:
@@ -203,10 +228,14 @@ async def main() -> int:
     if LOADGEN_CPU is not None:
         os.sched_setaffinity(0, {LOADGEN_CPU})
     info = machine()
-    print(f"machine: {info['cpus']} CPUs, {info['cpu_model']}, Python {info['python']};"
-          f" servers on CPU {SERVER_CPU}, load generator on CPU {LOADGEN_CPU}")
-    print(f"each measurement: {WARMUP} s warm-up + {DURATION} s; {DEVICES} devices (sockets),"
-          f" window {WINDOW}; other processes on this machine make absolute numbers noisy")
+    print(
+        f"machine: {info['cpus']} CPUs, {info['cpu_model']}, Python {info['python']};"
+        f" servers on CPU {SERVER_CPU}, load generator on CPU {LOADGEN_CPU}"
+    )
+    print(
+        f"each measurement: {WARMUP} s warm-up + {DURATION} s; {DEVICES} devices (sockets),"
+        f" window {WINDOW}; other processes on this machine make absolute numbers noisy"
+    )
     report = Report()
     acknowledged: dict[str, list[Any]] = {"cbor": [], "senml": []}
     pack_sizes: dict[str, int] = {}
@@ -232,8 +261,12 @@ async def main() -> int:
             for share in (0.5, 0.8):
                 async with LoadGenerator(("127.0.0.1", server.port), sockets=DEVICES) as gen:
                     bare_load[share] = await gen.run(
-                        CborReadings(names, start_seq=10**9), duration=DURATION,
-                        rate=share * bare.rate, window=1024, warmup=WARMUP)
+                        CborReadings(names, start_seq=10**9),
+                        duration=DURATION,
+                        rate=share * bare.rate,
+                        window=1024,
+                        warmup=WARMUP,
+                    )
         show("bare aiocoap", bare)
 
         async with gateway(workdir, "ingest") as server:
@@ -241,47 +274,92 @@ async def main() -> int:
             full, gen = await closed(server.port, CborReadings(names), names, register=True)
             acknowledged["cbor"] += [k for k in gen.acknowledged if isinstance(k, tuple)]
             show("gateway", full)
-            report.add("1", "ingest readings/s (CBOR, stored, 2.04)", full.rate, "req/s",
-                       "bare aiocoap Site", bare.rate)
-            report.add("1", "ingest readings/s", full.rate, "req/s", "minimal UDP responder",
-                       minimal.rate)
-            report.add("1", "piggybacked share of answers", full.piggyback_share * 100, "%",
-                       "bare aiocoap Site", bare.piggyback_share * 100)
-            report.add("1", "p50 latency at saturation", full.percentile(50), "ms",
-                       "bare aiocoap Site", bare.percentile(50))
-            report.add("1", "p99 latency at saturation", full.percentile(99), "ms",
-                       "bare aiocoap Site", bare.percentile(99))
-            report.note("relay to MQTT is not wired into the gateway yet: figure 1 stores"
-                        " durably (SQLite, synchronous=full) but relays nothing")
+            report.add(
+                "1",
+                "ingest readings/s (CBOR, stored, 2.04)",
+                full.rate,
+                "req/s",
+                "bare aiocoap Site",
+                bare.rate,
+            )
+            report.add(
+                "1", "ingest readings/s", full.rate, "req/s", "minimal UDP responder", minimal.rate
+            )
+            report.add(
+                "1",
+                "piggybacked share of answers",
+                full.piggyback_share * 100,
+                "%",
+                "bare aiocoap Site",
+                bare.piggyback_share * 100,
+            )
+            report.add(
+                "1",
+                "p50 latency at saturation",
+                full.percentile(50),
+                "ms",
+                "bare aiocoap Site",
+                bare.percentile(50),
+            )
+            report.add(
+                "1",
+                "p99 latency at saturation",
+                full.percentile(99),
+                "ms",
+                "bare aiocoap Site",
+                bare.percentile(99),
+            )
+            report.note(
+                "relay to MQTT is not wired into the gateway yet: figure 1 stores"
+                " durably (SQLite, synchronous=full) but relays nothing"
+            )
 
             # --- 2. SenML packs ----------------------------------------------------------
             print("2. SenML-CBOR packs, closed loop at saturation", flush=True)
             for size in (10, 50):
                 async with LoadGenerator(("127.0.0.1", server.port), sockets=DEVICES) as gen:
-                    stats = await gen.run(SenmlPacks(names, size, base_time=1_700_000_000
-                                                     + size * 10**6),
-                                          duration=DURATION, window=WINDOW, warmup=WARMUP)
+                    stats = await gen.run(
+                        SenmlPacks(names, size, base_time=1_700_000_000 + size * 10**6),
+                        duration=DURATION,
+                        window=WINDOW,
+                        warmup=WARMUP,
+                    )
                 show(f"gateway, packs of {size}", stats)
                 show(f"bare aiocoap, packs of {size}", bare_packs[size])
                 acknowledged["senml"] += [(key, size) for key in gen.acknowledged]
                 pack_sizes[str(size)] = size
-                report.add("2", f"SenML packs of {size}: readings/s", stats.readings_rate,
-                           "readings/s", "bare aiocoap Site", bare_packs[size].readings_rate)
+                report.add(
+                    "2",
+                    f"SenML packs of {size}: readings/s",
+                    stats.readings_rate,
+                    "readings/s",
+                    "bare aiocoap Site",
+                    bare_packs[size].readings_rate,
+                )
 
             # --- 3. latency under partial load -------------------------------------------
             print("3. latency at 50 % and 80 % of the saturated rate (open loop)", flush=True)
             for share in (0.5, 0.8):
                 async with LoadGenerator(("127.0.0.1", server.port), sockets=DEVICES) as gen:
-                    stats = await gen.run(CborReadings(names, start_seq=10**6 * int(share * 10)),
-                                          duration=DURATION, rate=share * full.rate,
-                                          window=1024, warmup=WARMUP)
+                    stats = await gen.run(
+                        CborReadings(names, start_seq=10**6 * int(share * 10)),
+                        duration=DURATION,
+                        rate=share * full.rate,
+                        window=1024,
+                        warmup=WARMUP,
+                    )
                 acknowledged["cbor"] += gen.acknowledged
                 show(f"gateway at {share:.0%}", stats)
                 show(f"bare aiocoap at {share:.0%}", bare_load[share])
                 for p in (50, 99):
-                    report.add("3", f"p{p} device->ack at {share:.0%} load", stats.percentile(p),
-                               "ms", f"bare aiocoap at {share:.0%}",
-                               bare_load[share].percentile(p))
+                    report.add(
+                        "3",
+                        f"p{p} device->ack at {share:.0%} load",
+                        stats.percentile(p),
+                        "ms",
+                        f"bare aiocoap at {share:.0%}",
+                        bare_load[share].percentile(p),
+                    )
                 if stats.skipped:
                     report.note(f"at {share:.0%}: {stats.skipped} sends found the window full")
             report.note("device->MQTT subscriber latency needs the relay: not measured")
@@ -298,12 +376,25 @@ async def main() -> int:
             show("registrations", stats)
             if stats.codes.get("2.01", 0) != SCALE_DEVICES:
                 report.note(f"only {stats.codes.get('2.01', 0)} of {SCALE_DEVICES} registered")
-            report.add("4", f"RSS with {SCALE_DEVICES} devices", after, "MB",
-                       "bare aiocoap (after load)", bare_rss)
-            report.add("4", "RSS per registered device", (after - before) * 1024 / SCALE_DEVICES,
-                       "KB", "-", float("nan"))
-            report.add("4", "registrations/s", stats.rate, "req/s", "gateway ingest req/s",
-                       full.rate)
+            report.add(
+                "4",
+                f"RSS with {SCALE_DEVICES} devices",
+                after,
+                "MB",
+                "bare aiocoap (after load)",
+                bare_rss,
+            )
+            report.add(
+                "4",
+                "RSS per registered device",
+                (after - before) * 1024 / SCALE_DEVICES,
+                "KB",
+                "-",
+                float("nan"),
+            )
+            report.add(
+                "4", "registrations/s", stats.rate, "req/s", "gateway ingest req/s", full.rate
+            )
             report.note("observations (one per device) not on this build yet: RSS excludes them")
 
         print(f"({time.monotonic() - started:.0f} s)")
@@ -311,10 +402,20 @@ async def main() -> int:
     for line in ("5. observe fan-out", "6. relay catch-up", "7. several worker processes"):
         report.note(f"{line}: not measured on this build")
     if path := os.environ.get("BENCH_JSON"):
-        Path(path).write_text(json.dumps({"machine": info, "quick": QUICK,
-                                          "duration": DURATION, "rows": report.rows,
-                                          "notes": report.notes, "missing": missing},
-                                         indent=2, default=str))
+        Path(path).write_text(
+            json.dumps(
+                {
+                    "machine": info,
+                    "quick": QUICK,
+                    "duration": DURATION,
+                    "rows": report.rows,
+                    "notes": report.notes,
+                    "missing": missing,
+                },
+                indent=2,
+                default=str,
+            )
+        )
     if missing:
         print(f"FAIL: {missing} acknowledged readings are not in the database")
         return 1
