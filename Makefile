@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# The example rules, so a simulated fleet raises alerts and fills shopping lists at once.
+ARGS   ?= --config docs/examples/gateway.toml
 
 .PHONY: run test lint format bench fuzz clean
 

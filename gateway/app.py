@@ -13,7 +13,7 @@ import asyncio
 import gc
 import signal
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from contextlib import AsyncExitStack
 from types import TracebackType
 from typing import Any
@@ -21,12 +21,17 @@ from typing import Any
 import aiosqlite
 import structlog
 
+from gateway.coap.alerts import AlertsResource, ListNamesResource, ListsResource
 from gateway.coap.readings import ReadingsResource
 from gateway.coap.registration import RegistrationCollection, RegistrationEntries
-from gateway.coap.server import CORE_LINKS, CoapServer, GatewaySite
+from gateway.coap.server import CORE_LINKS, RULES_LINKS, CoapServer, GatewaySite
 from gateway.config import GatewayConfig
 from gateway.ingest import Ingest
 from gateway.registry import Registry
+from gateway.relay.config import sink_from_config
+from gateway.relay.service import Relay
+from gateway.relay.sinks.base import Sink
+from gateway.rules_service import RulesService
 from gateway.store.db import migrate, open_database
 from gateway.store.retention import RetentionPolicy, prune
 from gateway.store.writer import StoreWriter
@@ -37,9 +42,18 @@ SHUTDOWN_DEADLINE = 10.0
 
 
 class Gateway:
-    def __init__(self, config: GatewayConfig, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        config: GatewayConfig,
+        *,
+        clock: Callable[[], float] = time.time,
+        sinks: Mapping[str, Sink] | None = None,
+    ) -> None:
         self.config = config
         self._clock = clock
+        #: Sinks to use instead of building them from `config.sinks`, by name (tests).
+        self._sink_overrides = dict(sinks or {})
+        self._relay_tasks: list[asyncio.Task[None]] = []
         self._stack = AsyncExitStack()
         self._loops: list[asyncio.Task[None]] = []
         self._writer_task: asyncio.Task[None] | None = None
@@ -50,7 +64,9 @@ class Gateway:
     reader: aiosqlite.Connection
     writer: StoreWriter
     registry: Registry
+    relay: Relay
     ingest: Ingest
+    rules: RulesService
     site: GatewaySite
     coap: CoapServer
 
@@ -76,8 +92,22 @@ class Gateway:
         )
         self.registry = Registry(self.writer, clock=self._clock)
         await self.registry.load(self.db)
+        # Entered before the TaskGroup, so they are closed only after every worker ended.
+        sinks: dict[str, Sink] = {}
+        for sink_config in config.sinks:
+            sink = self._sink_overrides.get(sink_config.name) or sink_from_config(sink_config)
+            sinks[sink_config.name] = await stack.enter_async_context(sink)
+        self.relay = Relay(
+            config, writer=self.writer, reader=self.reader, sinks=sinks, clock=self._clock
+        )
+        self.writer.add_commit_listener(self.relay.on_commit)
+        self.writer.add_commit_hook(self.relay.wake)
         self.ingest = Ingest(
-            config.ingest, registry=self.registry, writer=self.writer, clock=self._clock
+            config.ingest,
+            registry=self.registry,
+            writer=self.writer,
+            clock=self._clock,
+            admit=self.relay.admit if sinks else None,
         )
 
         self._tasks = await stack.enter_async_context(asyncio.TaskGroup())
@@ -90,6 +120,13 @@ class Gateway:
         )
         if retention.enabled:
             self._spawn(self._retention_loop(retention), "store.retention")
+        await self._start_rules()
+
+        await self.relay.start()
+        for name, coroutine in self.relay.tasks():
+            self._relay_tasks.append(self._tasks.create_task(coroutine, name=name))
+        # Runs before the writer closes: cancelled workers release their entries through it.
+        stack.push_async_callback(self._stop_relay)
 
         self.site = self._build_site()
         self.coap = await stack.enter_async_context(
@@ -111,7 +148,26 @@ class Gateway:
         site.add(("rd",), RegistrationCollection(self.registry, self.config.registry), rd)
         site.add(("rd",), RegistrationEntries(self.registry, self.config.registry))
         site.add(("r",), ReadingsResource(self.ingest, self.reader), readings)
+        alerts, lists = RULES_LINKS
+        alerts_resource = AlertsResource(self.reader)
+        names_resource = ListNamesResource(self.reader)
+        lists_resource = ListsResource(self.reader)
+        for listener in (alerts_resource, names_resource, lists_resource):
+            self.rules.add_listener(listener.on_decisions)
+        site.add(("alerts",), alerts_resource, alerts)
+        site.add(("lists",), names_resource, lists)
+        site.add(("lists",), lists_resource)
         return site
+
+    async def _start_rules(self) -> None:
+        self.rules = RulesService(
+            self.config.rules, writer=self.writer, registry=self.registry, clock=self._clock
+        )
+        await self.rules.start()
+        if self.config.rules:
+            self.writer.add_commit_listener(self.rules.on_commit)
+            self._spawn(self.rules.run_evaluator(), "rules.evaluator")
+            self._spawn(self.rules.run_ticker(), "rules.ticker")
 
     async def __aexit__(
         self,
@@ -120,6 +176,18 @@ class Gateway:
         tb: TracebackType | None,
     ) -> None:
         await self._stack.aclose()
+
+    async def _stop_relay(self) -> None:
+        for task in self._relay_tasks:
+            task.cancel()
+        if self._relay_tasks:
+            _, pending = await asyncio.wait(self._relay_tasks, timeout=SHUTDOWN_DEADLINE)
+            if pending:
+                log.error("gateway.shutdown_timeout", relay_tasks=[t.get_name() for t in pending])
+        try:
+            await asyncio.wait_for(self.relay.flush_status(stopping=True), SHUTDOWN_DEADLINE)
+        except Exception as exc:
+            log.warning("relay.status_failed", error=str(exc))
 
     async def _stop_tasks(self) -> None:
         try:

@@ -8,7 +8,7 @@ store's commit listeners, not from here, so every path that stores a reading not
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from gateway.config import IngestConfig
@@ -18,6 +18,10 @@ from gateway.core.validate import Limits, validate_measurements
 from gateway.errors import PayloadTooLargeError, UnknownDeviceError
 from gateway.registry import Registry
 from gateway.store.writer import ReadingBatch, StoreWriter
+
+#: Called before a reading is stored: may make room for `count` measurements, or raise
+#: `OverloadedError` (the relay's back-pressure).
+Admission = Callable[[Device, int], Awaitable[None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,8 +38,10 @@ class Ingest:
         registry: Registry,
         writer: StoreWriter,
         clock: Callable[[], float] = time.time,
+        admit: Admission | None = None,
     ) -> None:
         self._config = config
+        self._admit = admit
         self._registry = registry
         self._writer = writer
         self._clock = clock
@@ -77,5 +83,7 @@ class Ingest:
         now = self._clock()
         measurements = decode_readings(payload, content_format, now=now)
         checked = validate_measurements(measurements, device.type, self._limits)
+        if self._admit is not None:
+            await self._admit(device, len(checked))
         await self._writer.insert_readings(ReadingBatch(device, checked, now, address))
         return IngestResult(device, len(checked))

@@ -47,6 +47,16 @@ CORE_LINKS = (
 )
 
 
+RULES_LINKS = (
+    PublishedResource(
+        ("alerts",), {"rt": "coapgw.alerts", "obs": None, "ct": f"{CF_CBOR} {CF_JSON}"}
+    ),
+    PublishedResource(
+        ("lists",), {"rt": "coapgw.lists", "obs": None, "ct": f"{CF_CBOR} {CF_JSON}"}
+    ),
+)
+
+
 ANY_ADDRESSES = ("::", "0.0.0.0", "")
 
 

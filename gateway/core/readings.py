@@ -286,7 +286,10 @@ def _from_senml(document: Any, *, cbor_labels: bool, now: float) -> Iterator[Mea
         name_part = record.get("n", "")
         if not isinstance(name_part, str):
             raise ValidationError("SenML n must be a string", field="n")
-        name = base_name + name_part
+        # A base name ending in ":" or "/" (e.g. "urn:dev:ow:10e2073a01080063:", or the
+        # device's own name) identifies the device, which the URI path already does; the
+        # measurement keeps its own name. Any other base name is a plain prefix.
+        name = name_part if base_name.endswith((":", "/")) and name_part else base_name + name_part
         if not name:
             raise ValidationError("SenML record has no name")
         value = _senml_value(name, record, value_labels[0], base_value)

@@ -110,16 +110,18 @@ class RouteConfig:
 class RelayConfig:
     """The `[relay]` section: the outbox bound, its policy, and the retry policy."""
 
-    #: Most unfinished outbox entries (all sinks together).
+    #: Most unfinished outbox entries of one sink.
     max_outbox: int = 100_000
     #: At the bound: "refuse" new readings (5.03 with Max-Age = `retry_after`), or
-    #: "drop_oldest" pending entries (counted and logged as `outbox.dropped`).
+    #: "drop_oldest" pending entries of that sink (counted and logged as `relay.dropped`).
     policy: Literal["refuse", "drop_oldest"] = "refuse"
     retry_after: int = 30
     #: Entries a sink worker claims and publishes at once.
     batch_size: int = 100
     #: How often an idle worker looks at the outbox when nothing wakes it sooner.
     poll_interval: float = 1.0
+    #: How often the running gateway writes its live relay figures for `gateway relay status`.
+    status_interval: float = 2.0
     retry: RetryPolicy = field(default_factory=RetryPolicy)
 
 
@@ -216,6 +218,8 @@ def check_relay(
         raise ConfigError("relay.batch_size must be at least 1", key="relay.batch_size")
     if relay.poll_interval <= 0:
         raise ConfigError("relay.poll_interval must be positive", key="relay.poll_interval")
+    if relay.status_interval <= 0:
+        raise ConfigError("relay.status_interval must be positive", key="relay.status_interval")
     if relay.retry_after < 0:
         raise ConfigError("relay.retry_after must not be negative", key="relay.retry_after")
 

@@ -2,7 +2,8 @@
 
 WAL mode lets the operator CLI read while the gateway writes. Migrations are the numbered
 `migrations/NNNN_name.sql` files, applied in order, each in its own transaction, with
-`PRAGMA user_version` recording the last one applied.
+`PRAGMA user_version` recording the last one applied. Numbers may have gaps (parts of the
+gateway reserve theirs); every migration numbered above `user_version` is applied.
 """
 
 from __future__ import annotations
@@ -38,8 +39,8 @@ def migrations() -> list[Migration]:
         found.append(Migration(int(number), rest.removesuffix(".sql"), entry.read_text()))
     found.sort(key=lambda migration: migration.version)
     versions = [migration.version for migration in found]
-    if versions != list(range(1, len(found) + 1)):
-        raise StoreError(f"migrations must be numbered 1..n without gaps, found {versions}")
+    if len(set(versions)) != len(versions) or (versions and versions[0] < 1):
+        raise StoreError(f"migrations must have distinct numbers from 1 up, found {versions}")
     return found
 
 
@@ -77,11 +78,10 @@ async def migrate(conn: aiosqlite.Connection) -> int:
     """Apply every migration newer than the database; returns the resulting version."""
     current = await schema_version(conn)
     known = migrations()
-    if current > len(known):
-        raise StoreError(
-            f"database schema version {current} is newer than this gateway ({len(known)})"
-        )
-    for migration in known[current:]:
+    latest = known[-1].version if known else 0
+    if current > latest:
+        raise StoreError(f"database schema version {current} is newer than this gateway ({latest})")
+    for migration in (m for m in known if m.version > current):
         try:
             await conn.execute("BEGIN IMMEDIATE")
             for statement in _statements(migration.sql):
@@ -94,7 +94,7 @@ async def migrate(conn: aiosqlite.Connection) -> int:
                 f"migration {migration.version} ({migration.name}) failed: {exc}"
             ) from exc
         log.info("store.migrated", version=migration.version, migration=migration.name)
-    return len(known)
+    return latest
 
 
 def _statements(script: str) -> list[str]:

@@ -30,6 +30,7 @@ log = structlog.get_logger(__name__)
 T = TypeVar("T")
 TransactionOp = Callable[[aiosqlite.Connection], Awaitable[Any]]
 CommitListener = Callable[[Sequence[StoredReading]], None]
+CommitHook = Callable[[], None]
 
 #: Seconds a refused device is told to wait before retrying (Max-Age of the 5.03).
 OVERLOAD_RETRY_AFTER = 5
@@ -88,12 +89,17 @@ class StoreWriter:
         self._max_batch = max_batch
         self._queue: asyncio.Queue[_Job] = asyncio.Queue(maxsize=max_pending)
         self._listeners: list[CommitListener] = []
+        self._hooks: list[CommitHook] = []
         self._closing = False
         self._last_reading_id = 0
         self.stats = WriterStats()
 
     def add_commit_listener(self, listener: CommitListener) -> None:
         self._listeners.append(listener)
+
+    def add_commit_hook(self, hook: CommitHook) -> None:
+        """`hook()` runs after every commit, whatever it wrote (triggers write too)."""
+        self._hooks.append(hook)
 
     @property
     def pending(self) -> int:
@@ -150,17 +156,27 @@ class StoreWriter:
         self.stats.largest_batch = max(self.stats.largest_batch, len(live))
         try:
             results, committed = await self._apply(live)
-        except sqlite3.Error as exc:
+        except Exception as exc:
+            # An operation's own error (say a ValueError) is its caller's, not the writer's:
+            # the writer must keep running.
             log.error("store.batch_failed", jobs=len(live), error=str(exc))
             # Retry one by one, so one bad request cannot fail the others.
             for job in live if len(live) > 1 else []:
                 await self._commit_batch([job])
             if len(live) == 1 and not live[0].future.done():
-                live[0].future.set_exception(StoreError(f"database write failed: {exc}"))
+                if isinstance(exc, sqlite3.Error):
+                    live[0].future.set_exception(StoreError(f"database write failed: {exc}"))
+                else:
+                    live[0].future.set_exception(exc)
             return
         for job, result in zip(live, results, strict=True):
             if not job.future.done():
                 job.future.set_result(result)
+        for hook in self._hooks:
+            try:
+                hook()
+            except Exception:
+                log.exception("store.listener_failed", listener=repr(hook))
         if committed:
             for listener in self._listeners:
                 try:

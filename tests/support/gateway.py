@@ -138,6 +138,7 @@ class GatewayProcess:
             with self._changed:
                 self.events.append(event)
                 self._changed.notify_all()
+        process.stderr.close()
         with self._changed:
             self._changed.notify_all()
 

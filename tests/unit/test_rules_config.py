@@ -181,7 +181,8 @@ def test_example_configuration_is_valid_and_uses_contract_measurements() -> None
                 assert used <= MEASUREMENTS[device_type], rule.name
     home = next(r for r in rules if r.name == "tracker-left-home")
     assert isinstance(home, GeofenceRule)
-    assert home.circle == Circle(lat=48.8566, lon=2.3522, radius_m=500)
+    # The simulator's default tracker home point.
+    assert home.circle == Circle(lat=52.52, lon=13.405, radius_m=500)
 
 
 def test_example_rules_over_a_short_fridge_story() -> None:

@@ -1,0 +1,257 @@
+"""One sink's worker: claim due outbox entries, publish them, settle each one.
+
+A round reads a window of the sink's unfinished entries, lets the pure planner pick what
+may go now without breaking per-device order, claims those (pending -> in_flight) in one
+writer transaction, publishes them with `publish_batch`, and writes every outcome in one
+more: delivered entries are deleted, transient failures rescheduled with backoff, the rest
+moved to the dead letters. Then it waits for a commit (the `wake` event), the earliest
+retry, or `poll_interval`.
+
+Cancelled (shutdown) or failed mid-round, the worker puts its claimed entries back to
+pending, shielded from the cancellation, and re-raises; a crash leaves them in flight, and
+the next start puts them back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import aiosqlite
+import structlog
+
+from gateway.core.outbox import (
+    DeliveryState,
+    Outcome,
+    Random,
+    Settlement,
+    check_transition,
+    plan_batch,
+    settle,
+)
+from gateway.errors import GatewayError, PermanentSinkError
+from gateway.relay import store
+from gateway.relay.config import RelayConfig
+from gateway.relay.sinks.base import Delivery, Sink, publish_batch
+from gateway.store.writer import StoreWriter
+
+log = structlog.get_logger(__name__)
+
+#: How many unfinished entries a round looks at, at least (see `plan_batch` on windows).
+MIN_WINDOW = 1_000
+
+
+@dataclass
+class SinkStats:
+    """A sink's running figures; `depth` is kept from commits and settlements and
+    resynchronised from the database now and then."""
+
+    depth: int = 0
+    sent: int = 0
+    retries: int = 0
+    dead: int = 0
+    dropped: int = 0
+    sent_per_s: float = 0.0
+    last_error: str | None = None
+    last_error_at: float | None = None
+
+
+class SinkWorker:
+    def __init__(
+        self,
+        sink: Sink,
+        *,
+        config: RelayConfig,
+        gateway: str,
+        writer: StoreWriter,
+        reader: aiosqlite.Connection,
+        stats: SinkStats,
+        clock: Callable[[], float] = time.time,
+        rng: Random,
+    ) -> None:
+        self.sink = sink
+        self.stats = stats
+        #: Set when something was committed that this sink may have to send.
+        self.wake = asyncio.Event()
+        self._config = config
+        self._gateway = gateway
+        self._writer = writer
+        self._reader = reader
+        self._clock = clock
+        self._rng = rng
+        self._window = max(MIN_WINDOW, config.batch_size * 10)
+        self._was_connected: bool | None = None
+        self._log = log.bind(sink=sink.name)
+
+    async def run(self) -> None:
+        while True:
+            self.wake.clear()
+            try:
+                wait = await self.step()
+            except (GatewayError, sqlite3.Error):
+                self._log.exception("relay.worker_failed")
+                wait = self._config.poll_interval
+            if wait is None:
+                continue
+            if wait > 0:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(wait):
+                        await self.wake.wait()
+
+    async def step(self) -> float | None:
+        """One round. None: a batch went out, look again at once; else seconds to wait."""
+        now = self._clock()
+        rows = await store.window(self._reader, self.sink.name, self._window)
+        plan = plan_batch(rows, now=now, limit=self._config.batch_size)
+        if not plan.send:
+            if plan.wake_at is None:
+                return self._config.poll_interval
+            return min(self._config.poll_interval, max(0.0, plan.wake_at - now))
+        await self.deliver([row.id for row in plan.send])
+        return None
+
+    async def deliver(self, ids: Sequence[int]) -> None:
+        claiming = asyncio.ensure_future(self._writer.transaction(lambda c: store.claim(c, ids)))
+        try:
+            entries = await asyncio.shield(claiming)
+        except asyncio.CancelledError:
+            # The claim may still commit after we were cancelled: undo it once it has.
+            with contextlib.suppress(Exception):
+                await asyncio.wait([claiming])
+            await self._release(ids)
+            raise
+        if not entries:
+            return
+        try:
+            outcomes = await self._send(entries)
+        except BaseException:
+            await self._release([entry.id for entry in entries])
+            raise
+        now = self._clock()
+        settling = asyncio.ensure_future(
+            self._writer.transaction(lambda c: store.apply(c, outcomes, now=now))
+        )
+        try:
+            await asyncio.shield(settling)
+        except asyncio.CancelledError:
+            # The settlement is queued and commits anyway; count it, then stop.
+            await asyncio.wait([settling])
+            if not settling.cancelled() and settling.exception() is None:
+                self._account(outcomes, now)
+            else:
+                await self._release([entry.id for entry in entries])
+            raise
+        except BaseException:
+            await self._release([entry.id for entry in entries])
+            raise
+        self._account(outcomes, now)
+
+    async def _release(self, ids: Sequence[int]) -> None:
+        try:
+            await asyncio.shield(self._writer.transaction(lambda c: store.release(c, ids)))
+        except (GatewayError, sqlite3.Error) as exc:
+            # The writer is closing; the next start puts in-flight entries back.
+            self._log.warning("relay.release_failed", entries=len(ids), error=str(exc))
+        else:
+            self._log.info("relay.released", entries=len(ids))
+
+    async def _send(self, entries: Sequence[store.Entry]) -> list[store.Outcome]:
+        now = self._clock()
+        policy = self._config.retry
+        messages = await store.load_messages(self._reader, entries, gateway=self._gateway)
+        outcomes: list[store.Outcome] = []
+        batch: list[Delivery] = []
+        by_id = {entry.id: entry for entry in entries}
+        for entry in entries:
+            message = messages.get(entry.id)
+            if message is None:
+                outcomes.append(self._dead(entry, "source_missing", "source row was deleted"))
+            elif policy.max_age and now - entry.first_at >= policy.max_age:
+                outcomes.append(self._dead(entry, "max_age", "too old before it could be sent"))
+            else:
+                batch.append(Delivery(message, entry.encoding, entry.attempt + 1, entry.id))
+        results = await publish_batch(self.sink, batch)
+        now = self._clock()
+        for delivery, result in zip(batch, results, strict=True):
+            assert delivery.entry_id is not None
+            entry = by_id[delivery.entry_id]
+            if result is None:
+                outcome = Outcome.CONFIRMED
+            elif isinstance(result, PermanentSinkError):
+                outcome = Outcome.PERMANENT
+            else:
+                outcome = Outcome.TRANSIENT
+            settlement = settle(
+                outcome,
+                attempt=entry.attempt,
+                first_at=entry.first_at,
+                policy=policy,
+                now=now,
+                rng=self._rng,
+            )
+            outcomes.append(
+                store.Outcome(entry, settlement, None if result is None else str(result))
+            )
+        self._note_connection()
+        return outcomes
+
+    def _dead(self, entry: store.Entry, reason: str, error: str) -> store.Outcome:
+        state = check_transition(DeliveryState.IN_FLIGHT, DeliveryState.DEAD)
+        return store.Outcome(entry, Settlement(state, entry.attempt, None, reason), error)
+
+    def _note_connection(self) -> None:
+        connected = self.sink.connected
+        if connected == self._was_connected:
+            return
+        if connected:
+            self._log.info("relay.connected")
+        elif self._was_connected is not None:
+            self._log.warning("relay.disconnected", error=self.stats.last_error)
+        self._was_connected = connected
+
+    def _account(self, outcomes: Sequence[store.Outcome], now: float) -> None:
+        stats = self.stats
+        delivered = retried = 0
+        retry_at: float | None = None
+        first_error: str | None = None
+        attempt = 0
+        for outcome in outcomes:
+            settlement = outcome.settlement
+            if outcome.error is not None:
+                first_error = first_error or outcome.error
+                stats.last_error, stats.last_error_at = outcome.error, now
+            if settlement.state is DeliveryState.DELIVERED:
+                delivered += 1
+            elif settlement.state is DeliveryState.PENDING:
+                retried += 1
+                attempt = max(attempt, settlement.attempt)
+                assert settlement.next_attempt_at is not None
+                retry_at = min(retry_at or settlement.next_attempt_at, settlement.next_attempt_at)
+            else:
+                stats.dead += 1
+                self._log.warning(
+                    "relay.dead_letter",
+                    message_id=store.message_id(outcome.entry.kind, outcome.entry.ref_id),
+                    device_id=outcome.entry.device_id,
+                    reason=settlement.reason,
+                    attempt=settlement.attempt,
+                    error=outcome.error,
+                )
+        stats.sent += delivered
+        stats.retries += retried
+        stats.depth = max(0, stats.depth - delivered - (len(outcomes) - delivered - retried))
+        if delivered:
+            self._log.debug("relay.delivered", entries=delivered)
+        if retried:
+            assert retry_at is not None
+            self._log.warning(
+                "relay.retry",
+                entries=retried,
+                attempt=attempt,
+                retry_in=round(max(0.0, retry_at - now), 3),
+                error=first_error,
+            )

@@ -1,0 +1,127 @@
+"""The group-commit writer, migrations and retention, against a real SQLite file."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+
+import aiosqlite
+import pytest
+
+from gateway.core.model import Device, StoredReading
+from gateway.core.readings import Measurement
+from gateway.errors import OverloadedError
+from gateway.store.db import migrate, migrations, open_database, schema_version
+from gateway.store.retention import RetentionPolicy, prune
+from gateway.store.writer import ReadingBatch, StoreWriter
+
+
+@pytest.fixture
+async def db(tmp_path: Path) -> AsyncIterator[aiosqlite.Connection]:
+    conn = await open_database(tmp_path / "gw.db")
+    await migrate(conn)
+    await conn.execute("INSERT INTO devices (id, name, type, created_at) VALUES (1, 'd', 'x', 0)")
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+DEVICE = Device(1, "d", "x")
+
+
+def batch(*values: tuple[str, float, int | None], at: float = 100.0) -> ReadingBatch:
+    return ReadingBatch(
+        DEVICE,
+        [Measurement(n, v, seq=s, key=None if s is None else f"s{s}/{n}") for n, v, s in values],
+        at,
+        "127.0.0.1:1",
+    )
+
+
+async def running(writer: StoreWriter) -> asyncio.Task[None]:
+    return asyncio.create_task(writer.run(), name="store.writer")
+
+
+async def test_migrations_apply_once_and_record_the_version(db: aiosqlite.Connection) -> None:
+    latest = migrations()[-1].version  # numbers may have gaps: parts reserve theirs
+    assert await schema_version(db) == latest
+    assert await migrate(db) == latest  # idempotent
+
+
+async def test_concurrent_requests_share_transactions(db: aiosqlite.Connection) -> None:
+    writer = StoreWriter(db, max_batch=100)
+    task = await running(writer)
+    await asyncio.gather(*(writer.insert_readings(batch(("t", i, i))) for i in range(300)))
+    await writer.close()
+    await task
+    assert writer.stats.readings == 300
+    assert writer.stats.batches < 300 / 10, writer.stats  # group commit, not one per request
+    async with db.execute("SELECT count(*) FROM readings") as cursor:
+        assert await cursor.fetchone() == (300,)
+
+
+async def test_listeners_see_committed_rows_only_and_duplicates_are_ignored(
+    db: aiosqlite.Connection, tmp_path: Path
+) -> None:
+    writer = StoreWriter(db)
+    seen: list[StoredReading] = []
+    other = sqlite3.connect(tmp_path / "gw.db")
+
+    def listener(rows: Sequence[StoredReading]) -> None:
+        # Called after COMMIT: another connection already sees every row.
+        (count,) = other.execute("SELECT count(*) FROM readings").fetchone()
+        assert count >= rows[-1].id
+        seen.extend(rows)
+
+    writer.add_commit_listener(listener)
+    task = await running(writer)
+    await writer.insert_readings(batch(("temp", 4.0, 1), ("door", True, 1)))  # type: ignore[arg-type]
+    await writer.insert_readings(batch(("temp", 4.0, 1)))  # a retry: nothing new
+    await writer.close()
+    await task
+    other.close()
+    assert [(r.measurement, r.value) for r in seen] == [("temp", 4.0), ("door", True)]
+    assert writer.stats.duplicates == 1
+
+
+async def test_full_queue_is_refused_with_retry_advice(db: aiosqlite.Connection) -> None:
+    writer = StoreWriter(db, max_pending=2)  # not running: nothing drains the queue
+    waiting = [asyncio.create_task(writer.insert_readings(batch(("t", 1, None)))) for _ in range(2)]
+    await asyncio.sleep(0)
+    with pytest.raises(OverloadedError) as caught:
+        await writer.insert_readings(batch(("t", 1, None)))
+    assert caught.value.max_age > 0
+    task = await running(writer)
+    await asyncio.gather(*waiting)
+    await writer.close()
+    await task
+
+
+async def test_close_commits_what_was_queued(db: aiosqlite.Connection) -> None:
+    writer = StoreWriter(db)
+    pending = [asyncio.create_task(writer.insert_readings(batch(("t", i, i)))) for i in range(50)]
+    await asyncio.sleep(0)
+    task = await running(writer)
+    await writer.close()
+    await task
+    await asyncio.gather(*pending)
+    with pytest.raises(OverloadedError):
+        await writer.insert_readings(batch(("t", 1, 999)))
+    async with db.execute("SELECT count(*) FROM readings") as cursor:
+        assert await cursor.fetchone() == (50,)
+
+
+async def test_retention_by_age_and_by_count(db: aiosqlite.Connection) -> None:
+    writer = StoreWriter(db)
+    task = await running(writer)
+    for i in range(10):
+        await writer.insert_readings(batch(("t", i, i), at=1000.0 + i))
+    assert await prune(writer, RetentionPolicy(max_age_seconds=5), now=1010.0) == 5
+    assert await prune(writer, RetentionPolicy(max_rows=3), now=1010.0) == 2
+    async with db.execute("SELECT value FROM readings ORDER BY id") as cursor:
+        assert [row[0] for row in await cursor.fetchall()] == [7, 8, 9]
+    await writer.close()
+    await task
