@@ -6,8 +6,14 @@
 - `minimal`: an asyncio UDP responder answering every CON with a piggybacked, empty 2.04
   ACK: the ceiling for Python on this machine.
 
+- `mqtt-publish` / `jetstream-publish`: not servers but clients: publish COUNT messages of
+  the relay's size with the client library the relay uses (aiomqtt at QoS 1, nats-py to
+  JetStream), 100 in flight at a time as the relay's batches are, and print the rate: the
+  ceiling for draining an outbox.
+
 `python bench/baselines.py KIND PORT [CPU]` serves until SIGTERM, pinned to CPU when given.
-It prints `ready` on stdout once it listens.
+It prints `ready` on stdout once it listens. `python bench/baselines.py mqtt-publish PORT
+COUNT [CPU]` prints `rate N` (messages per second) and exits.
 """
 
 from __future__ import annotations
@@ -68,6 +74,51 @@ async def serve_aiocoap(port: int, stop: asyncio.Event) -> None:
     await context.shutdown()
 
 
+PAYLOAD = bytes(range(100)) + b"relay-sized message"  # about an encoded reading
+BATCH = 100
+
+
+async def publish_mqtt(port: int, count: int) -> float:
+    import logging
+
+    import aiomqtt
+
+    # aiomqtt warns about every publish beyond 10 pending; printing those would be the cost.
+    logging.getLogger("mqtt").setLevel(logging.ERROR)
+    async with aiomqtt.Client("127.0.0.1", port) as client:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        for first in range(0, count, BATCH):
+            await asyncio.gather(
+                *(
+                    client.publish(f"baseline/dev{i % 100}", PAYLOAD, qos=1)
+                    for i in range(first, min(count, first + BATCH))
+                )
+            )
+        return count / (loop.time() - started)
+
+
+async def publish_jetstream(port: int, count: int) -> float:
+    import nats
+
+    client = await nats.connect(f"nats://127.0.0.1:{port}")
+    try:
+        js = client.jetstream()
+        await js.add_stream(name="BASELINE", subjects=["baseline.>"])
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        for first in range(0, count, BATCH):
+            await asyncio.gather(
+                *(
+                    js.publish(f"baseline.dev{i % 100}", PAYLOAD, headers={"Nats-Msg-Id": str(i)})
+                    for i in range(first, min(count, first + BATCH))
+                )
+            )
+        return count / (loop.time() - started)
+    finally:
+        await client.close()
+
+
 async def main(kind: str, port: int) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -82,5 +133,10 @@ async def main(kind: str, port: int) -> None:
 
 
 if __name__ == "__main__":
-    pin(int(sys.argv[3]) if len(sys.argv) > 3 else None)
-    asyncio.run(main(sys.argv[1], int(sys.argv[2])))
+    if sys.argv[1] in ("mqtt-publish", "jetstream-publish"):
+        pin(int(sys.argv[4]) if len(sys.argv) > 4 else None)
+        publish = publish_mqtt if sys.argv[1] == "mqtt-publish" else publish_jetstream
+        print(f"rate {asyncio.run(publish(int(sys.argv[2]), int(sys.argv[3]))):.1f}", flush=True)
+    else:
+        pin(int(sys.argv[3]) if len(sys.argv) > 3 else None)
+        asyncio.run(main(sys.argv[1], int(sys.argv[2])))

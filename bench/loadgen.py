@@ -115,7 +115,10 @@ class Workload(Protocol):
 
 
 class CborReadings:
-    """`POST /r/NAME` with a CBOR map of a fridge reading; `seq` counts per device."""
+    """`POST /r/NAME` with a CBOR map of a fridge's temperature; `seq` counts per device.
+
+    One measurement per request, so a request is one stored reading and one relayed message.
+    """
 
     def __init__(self, names: Sequence[str], *, start_seq: int = 1) -> None:
         self._names = list(names)
@@ -128,7 +131,7 @@ class CborReadings:
         seq = self._seq[index]
         self._seq[index] = seq + 1
         temp = round(3.0 + self._rng.random() * 2.0, 2)
-        payload = cbor2.dumps({"temp": temp, "door": seq % 50 == 0, "seq": seq})
+        payload = cbor2.dumps({"temp": temp, "seq": seq})
         return Request(self._prefix[index] + payload, (self._names[index], seq), 1)
 
 
@@ -164,6 +167,20 @@ class SenmlPacks:
         ]
         payload = cbor2.dumps(records, canonical=True)
         return Request(self._prefix[index] + payload, (self._names[index], bt), self.records)
+
+
+class Limited:
+    """The first `count` requests of another workload."""
+
+    def __init__(self, workload: Workload, count: int) -> None:
+        self._workload = workload
+        self._left = count
+
+    def next(self, slot: int) -> Request | None:
+        if self._left <= 0:
+            return None
+        self._left -= 1
+        return self._workload.next(slot)
 
 
 class Registrations:
@@ -291,6 +308,8 @@ class LoadGenerator:
         self.errors = 0
         #: Keys of every request answered 2.04/2.01 during this generator's life (all runs).
         self.acknowledged: list[Any] = []
+        #: When set, key -> perf_counter() of the request's first transmission.
+        self.sent_at: dict[Any, float] | None = None
 
     async def __aenter__(self) -> LoadGenerator:
         loop = asyncio.get_running_loop()
@@ -327,6 +346,8 @@ class LoadGenerator:
         sock.by_mid[mid] = pending
         sock.by_token[token] = pending
         self._inflight += 1
+        if self.sent_at is not None:
+            self.sent_at[request.key] = now
         if self._measuring:
             self._stats.sent += 1
         sock.transport.sendto(_datagram(CON, POST, mid, token, request.body))

@@ -14,7 +14,7 @@ from aiocoap.numbers.codes import Code
 
 from gateway.app import Gateway
 from gateway.coap.server import choose_transport
-from gateway.core.model import StoredReading
+from gateway.core.model import Device, StoredReading
 from gateway.core.readings import Measurement
 from gateway.store.writer import ReadingBatch
 from tests.support.gateway import base_url, gateway_config, post, register
@@ -154,3 +154,43 @@ async def test_group_commit_of_readings_and_operations(gateway: Gateway) -> None
     assert len({reading.id for reading in committed}) == 7
     assert all(reading.device == device for reading in committed)
     assert gateway.writer.stats.readings == 7 and gateway.writer.stats.duplicates == 1
+
+
+async def test_two_writers_on_one_database_each_report_only_their_own_rows(
+    tmp_path: Path,
+) -> None:
+    """Several gateway processes may share a database: a writer's commit listeners must
+    never be told of rows another process committed."""
+    from gateway.store.db import migrate, open_database
+    from gateway.store.writer import StoreWriter
+
+    path = tmp_path / "shared.db"
+    connections = [await open_database(path) for _ in range(2)]
+    try:
+        await migrate(connections[0])
+        async with connections[0].execute(
+            "INSERT INTO devices (name, type, created_at) VALUES ('a', 'fridge', 0), "
+            "('b', 'fridge', 0) RETURNING id, name"
+        ) as cursor:
+            ids = {name: id_ async for id_, name in cursor}
+        writers = [StoreWriter(conn) for conn in connections]
+        seen: list[list[StoredReading]] = [[], []]
+        tasks = []
+        for writer, log in zip(writers, seen, strict=True):
+            writer.add_commit_listener(log.extend)
+            tasks.append(asyncio.create_task(writer.run()))
+        devices = [Device(ids["a"], "a", "fridge"), Device(ids["b"], "b", "fridge")]
+        for seq in range(6):
+            index = seq % 2
+            measurement = Measurement("temp", 1.0, None, None, seq, f"s{seq}/temp")
+            await writers[index].insert_readings(
+                ReadingBatch(devices[index], [measurement], 10.0 + seq, None)
+            )
+        for writer in writers:
+            await writer.close()
+        await asyncio.gather(*tasks)
+    finally:
+        for conn in connections:
+            await conn.close()
+    assert [r.seq for r in seen[0]] == [0, 2, 4] and {r.device.name for r in seen[0]} == {"a"}
+    assert [r.seq for r in seen[1]] == [1, 3, 5] and {r.device.name for r in seen[1]} == {"b"}

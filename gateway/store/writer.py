@@ -41,6 +41,9 @@ INSERT_READING = (
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 UPDATE_LAST_SEEN = "UPDATE devices SET last_seen = ?, address = coalesce(?, address) WHERE id = ?"
+# Taken inside the write transaction, so rows another process committed before are not
+# mistaken for this batch's (several gateway processes may share one database).
+SELECT_LAST_READING_ID = "SELECT coalesce(max(id), 0) FROM readings"
 SELECT_NEW_READINGS = (
     "SELECT id, device_id, measurement, value, kind, unit, device_time, received_at, seq"
     " FROM readings WHERE id > ? ORDER BY id"
@@ -91,7 +94,6 @@ class StoreWriter:
         self._listeners: list[CommitListener] = []
         self._hooks: list[CommitHook] = []
         self._closing = False
-        self._last_reading_id = 0
         self.stats = WriterStats()
 
     def add_commit_listener(self, listener: CommitListener) -> None:
@@ -129,9 +131,6 @@ class StoreWriter:
 
     async def run(self) -> None:
         """Commit batches until closed and drained. Run it as one long-lived task."""
-        async with self._conn.execute("SELECT coalesce(max(id), 0) FROM readings") as cursor:
-            row = await cursor.fetchone()
-        self._last_reading_id = int(row[0]) if row else 0
         while not (self._closing and self._queue.empty()):
             jobs = [await self._queue.get()]
             while len(jobs) < self._max_batch and not self._queue.empty():
@@ -215,8 +214,6 @@ class StoreWriter:
         return results, committed
 
     def _count(self, batches: list[ReadingBatch], committed: list[StoredReading]) -> None:
-        if committed:
-            self._last_reading_id = committed[-1].id
         submitted = sum(len(batch.measurements) for batch in batches)
         self.stats.readings += len(committed)
         self.stats.duplicates += submitted - len(committed)
@@ -226,21 +223,23 @@ class StoreWriter:
         conn: sqlite3.Connection = self._conn._conn
         conn.execute("BEGIN IMMEDIATE")
         try:
-            rows = _reading_rows(batches)
-            conn.executemany(INSERT_READING, rows)
+            before = conn.execute(SELECT_LAST_READING_ID).fetchone()[0]
+            conn.executemany(INSERT_READING, _reading_rows(batches))
             conn.executemany(UPDATE_LAST_SEEN, _last_seen_rows(batches))
-            fetched = conn.execute(SELECT_NEW_READINGS, (self._last_reading_id,)).fetchall()
+            stored = _stored(batches, conn.execute(SELECT_NEW_READINGS, (before,)).fetchall())
             conn.execute("COMMIT")
         except BaseException:
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
             raise
-        return _stored(batches, fetched)
+        return stored
 
     async def _insert(self, batches: list[ReadingBatch]) -> list[StoredReading]:
+        async with self._conn.execute(SELECT_LAST_READING_ID) as cursor:
+            (before,) = await cursor.fetchone()  # type: ignore[misc]
         await self._conn.executemany(INSERT_READING, _reading_rows(batches))
         await self._conn.executemany(UPDATE_LAST_SEEN, _last_seen_rows(batches))
-        async with self._conn.execute(SELECT_NEW_READINGS, (self._last_reading_id,)) as cursor:
+        async with self._conn.execute(SELECT_NEW_READINGS, (before,)) as cursor:
             fetched = await cursor.fetchall()
         return _stored(batches, fetched)
 
