@@ -152,6 +152,12 @@ def main() -> None:
     show_default=True,
     help="Seconds to let requests on the wire finish at the end.",
 )
+@click.option(
+    "--credentials",
+    type=click.Path(exists=True, file_okay=False),
+    help="Directory of OSCORE credentials, NAME/credentials.json per device"
+    " (from `gateway devices add NAME --credentials oscore --out DIR`).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option(
     "--progress/--no-progress",
@@ -179,6 +185,7 @@ def run(
     jitter: float | None,
     ramp: float | None,
     drain: float,
+    credentials: str | None,
     as_json: bool,
     progress: bool | None,
 ) -> None:
@@ -212,6 +219,7 @@ def run(
             prefix=sc.prefix or base.prefix,
             ramp=ramp if ramp is not None else sc.ramp,
             start_time=sc.start_time,
+            credentials=credentials,
         )
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc

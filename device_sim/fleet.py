@@ -73,6 +73,8 @@ class FleetConfig:
     ramp: float | None = None
     #: How long a sleepy tracker listens after each report.
     listen_window: float = 2.0
+    #: Directory of OSCORE credentials, one NAME/credentials.json per device (None: plain).
+    credentials: str | None = None
 
     @property
     def total(self) -> int:
@@ -205,6 +207,7 @@ class Fleet:
                     listen_window=cfg.listen_window,
                     phase=phase_rng.uniform(0.0, ramp),
                     bind_host=cfg.bind_host,
+                    credentials=cfg.credentials,
                 )
                 node = Node(
                     node_cfg,

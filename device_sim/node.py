@@ -28,7 +28,8 @@ from aiocoap import Message
 from aiocoap.numbers.codes import Code
 
 from device_sim import codec
-from device_sim.coap import Addr, Endpoint, Impairment, RequestError, Transmission
+from device_sim.coap import Addr, Endpoint, Impairment, RequestError, Result, Transmission
+from device_sim.credentials import OscoreSession
 from device_sim.models.base import CommandError, DeviceModel, ResourceSpec
 
 REGISTER_BACKOFF_MAX = 60.0
@@ -52,6 +53,9 @@ class NodeConfig:
     #: Delay before the first registration, to spread a fleet's start.
     phase: float = 0.0
     bind_host: str = "127.0.0.1"
+    #: OSCORE credentials: a credentials.json, or a directory holding NAME/credentials.json
+    #: (as `gateway devices add NAME --credentials oscore --out DIR` writes them).
+    credentials: str | None = None
 
 
 @dataclass
@@ -114,6 +118,7 @@ class Node:
         self.on_event: Callable[[str, Any], None] | None = None
         self.stopping = False
         self.busy = False
+        self._oscore: OscoreSession | None = None
 
     async def __aenter__(self) -> Node:
         loop = asyncio.get_running_loop()
@@ -127,11 +132,30 @@ class Node:
         )
         await loop.create_datagram_endpoint(lambda: endpoint, local_addr=(self.config.bind_host, 0))
         self.endpoint = endpoint
+        if self.config.credentials is not None:
+            try:
+                self._oscore = OscoreSession.load(self.config.credentials, self.config.name)
+            except BaseException:
+                endpoint.close()
+                raise
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         if self.endpoint is not None:
             self.endpoint.close()
+        if self._oscore is not None:
+            self._oscore.close()
+            self._oscore = None
+
+    async def _request(self, message: Any) -> Result:
+        """Send a request to the gateway, OSCORE-protected when the node has credentials."""
+        assert self.endpoint is not None
+        if self._oscore is None:
+            return await self.endpoint.request(message, self.config.gateway)
+        protected, request_id = self._oscore.protect(message)
+        result = await self.endpoint.request(protected, self.config.gateway)
+        result.response = self._oscore.unprotect(result.response, request_id)
+        return result
 
     @property
     def address(self) -> Addr:
@@ -216,7 +240,7 @@ class Node:
         )
         self._radio(True)
         try:
-            result = await self.endpoint.request(msg, cfg.gateway)
+            result = await self._request(msg)
         except RequestError:
             self.stats.codes["timeout"] += 1
             return False
@@ -238,7 +262,7 @@ class Node:
             return
         msg = Message(code=Code.POST, uri_path=self.location)
         try:
-            result = await self.endpoint.request(msg, self.config.gateway)
+            result = await self._request(msg)
         except RequestError:
             return  # try again before the next reading
         code = result.response.code
@@ -255,9 +279,7 @@ class Node:
             return
         self._radio(True)
         with contextlib.suppress(RequestError):
-            await self.endpoint.request(
-                Message(code=Code.DELETE, uri_path=self.location), self.config.gateway
-            )
+            await self._request(Message(code=Code.DELETE, uri_path=self.location))
         self.location = None
 
     async def _report(self, now: float) -> None:
@@ -305,7 +327,7 @@ class Node:
         loop = asyncio.get_running_loop()
         started = loop.time()
         try:
-            result = await self.endpoint.request(msg, self.config.gateway)
+            result = await self._request(msg)
         except RequestError as exc:
             self.stats.retransmissions += exc.retransmissions
             self.stats.timeouts += 1

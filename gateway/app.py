@@ -32,6 +32,7 @@ from gateway.relay.config import sink_from_config
 from gateway.relay.service import Relay
 from gateway.relay.sinks.base import Sink
 from gateway.rules_service import RulesService
+from gateway.security import SecurityLayer
 from gateway.store.db import migrate, open_database
 from gateway.store.retention import RetentionPolicy, prune
 from gateway.store.writer import StoreWriter
@@ -68,6 +69,7 @@ class Gateway:
     ingest: Ingest
     rules: RulesService
     site: GatewaySite
+    security: SecurityLayer
     coap: CoapServer
 
     async def __aenter__(self) -> Gateway:
@@ -129,12 +131,22 @@ class Gateway:
         stack.push_async_callback(self._stop_relay)
 
         self.site = self._build_site()
+        self.security = await stack.enter_async_context(
+            SecurityLayer(
+                config.security,
+                reader=self.reader,
+                registry=self.registry,
+                store_path=config.store.path,
+            )
+        )
         self.coap = await stack.enter_async_context(
             CoapServer(
                 self.site,
                 bind=config.server.bind,
                 port=config.server.port,
                 transport=config.server.transport,
+                root=self.security.wrap(self.site.site),
+                **self.security.server_options(),
             )
         )
 

@@ -86,6 +86,43 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True)
+class SecurityConfig:
+    #: "open": anyone who can reach the port may register and post (demo only);
+    #: "authenticated": OSCORE credentials required (docs/security.md).
+    mode: Literal["open", "authenticated"] = "open"
+    #: Per device type override of `mode`, e.g. {streetlight = "authenticated"}.
+    type_modes: dict[str, Literal["open", "authenticated"]] = field(default_factory=dict)
+    #: First path segments that only operators may use in authenticated mode.
+    admin_prefixes: tuple[str, ...] = ("cmd",)
+    #: Where the gateway keeps its side of the OSCORE contexts (sequence numbers, replay
+    #: windows); "" means `oscore/` beside the database.
+    contexts_dir: str = ""
+    #: How often the credentials table is checked for rotations and revocations (seconds).
+    reload_interval: float = 0.5
+    #: Token buckets: requests per second and burst, per source address (host:port)...
+    source_rate: float = 50.0
+    source_burst: float = 100.0
+    #: ...and per device (the authenticated identity, else the device the request names).
+    device_rate: float = 20.0
+    device_burst: float = 40.0
+    #: Bound on remembered buckets of each kind; the longest idle is forgotten first.
+    max_tracked: int = 10_000
+    #: Most registered devices; a registration of a new name past it gets 5.03.
+    max_devices: int = 10_000
+    #: Most concurrent observations per peer and in total; past them 5.03.
+    max_observers_per_peer: int = 16
+    max_observers: int = 1_000
+    #: Longest accepted URI path segment or query item, in bytes (4.00 beyond).
+    max_option_length: int = 255
+    #: Also serve CoAP over DTLS 1.2 with pre-shared keys on server.port + 1 (needs the
+    #: optional DTLSSocket package: `pip install coap-gateway[dtls]`).
+    dtls: bool = False
+    #: RFC 7252 §11.3: answers to unauthenticated peers stay within this factor of the
+    #: request size (block-wise for larger ones). 0 disables the limit.
+    amplification_factor: float = 3.0
+
+
+@dataclass(frozen=True)
 class GatewayConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
@@ -96,6 +133,7 @@ class GatewayConfig:
     sinks: tuple[SinkConfig, ...] = ()
     routes: tuple[RouteConfig, ...] = ()
     rules: tuple[RuleConfig, ...] = ()
+    security: SecurityConfig = field(default_factory=SecurityConfig)
 
     def replace(self, section: str, **changes: Any) -> GatewayConfig:
         """A copy with some keys of one section changed (used for command-line flags)."""
@@ -197,9 +235,24 @@ def check_config(config: GatewayConfig) -> None:
         raise ConfigError("store.max_batch must be at least 1", key="store.max_batch")
     check_relay(config.sinks, config.routes, config.relay)
     check_rules(config.rules)
+    check_security(config.security)
     reg = config.registry
     if not reg.min_lifetime <= reg.default_lifetime <= reg.max_lifetime:
         raise ConfigError(
             "registry lifetimes must satisfy min_lifetime <= default_lifetime <= max_lifetime",
             key="registry.default_lifetime",
+        )
+
+
+def check_security(security: SecurityConfig) -> None:
+    for key in ("source_rate", "source_burst", "device_rate", "device_burst", "reload_interval"):
+        if getattr(security, key) < 0:
+            raise ConfigError(f"security.{key} must not be negative", key=f"security.{key}")
+    for key in ("max_tracked", "max_devices", "max_observers_per_peer", "max_observers"):
+        if getattr(security, key) < 1:
+            raise ConfigError(f"security.{key} must be at least 1", key=f"security.{key}")
+    if security.amplification_factor and security.amplification_factor < 1:
+        raise ConfigError(
+            "security.amplification_factor must be 0 (off) or at least 1",
+            key="security.amplification_factor",
         )

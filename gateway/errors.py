@@ -94,6 +94,28 @@ class OverloadedError(DeviceError):
         self.max_age = max_age
 
 
+class UnauthorizedError(DeviceError):
+    """No credential, or one the gateway does not know (4.01)."""
+
+    coap_code = Code.UNAUTHORIZED
+
+
+class ForbiddenError(DeviceError):
+    """An authenticated peer acting outside its grant, e.g. posting as another device (4.03)."""
+
+    coap_code = Code.FORBIDDEN
+
+
+class TooManyRequestsError(DeviceError):
+    """A peer or device is over its rate limit; retry after `max_age` seconds (4.29, RFC 8516)."""
+
+    coap_code = Code.TOO_MANY_REQUESTS
+
+    def __init__(self, diagnostic: str, *, max_age: int, device: str | None = None) -> None:
+        super().__init__(diagnostic, device=device)
+        self.max_age = max_age
+
+
 class StoreError(GatewayError):
     """The database failed; the request is answered 5.00 and nothing is acknowledged."""
 

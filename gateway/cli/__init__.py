@@ -14,4 +14,12 @@ def main() -> None:
 
 
 # Imported for their side effect of adding commands to `main`.
-from gateway.cli import alerts, config_check, devices, readings, relay, serve  # noqa: E402, F401
+from gateway.cli import (  # noqa: E402, F401
+    alerts,
+    config_check,
+    devices,
+    readings,
+    relay,
+    security,
+    serve,
+)

@@ -16,7 +16,7 @@ from aiocoap.error import RenderableError
 from aiocoap.numbers.codes import Code
 
 from gateway.core.readings import CF_TEXT
-from gateway.errors import DeviceError, OverloadedError, PayloadTooLargeError, UnknownDeviceError
+from gateway.errors import DeviceError, PayloadTooLargeError, UnknownDeviceError
 
 log = structlog.get_logger("gateway.coap")
 
@@ -42,8 +42,9 @@ def error_response(exc: DeviceError) -> Message:
     )
     if isinstance(exc, PayloadTooLargeError):
         response.opt.size1 = exc.limit
-    if isinstance(exc, OverloadedError):
-        response.opt.max_age = exc.max_age
+    max_age = getattr(exc, "max_age", None)
+    if isinstance(max_age, int):
+        response.opt.max_age = max_age
     return response
 
 

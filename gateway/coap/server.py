@@ -120,18 +120,34 @@ class GatewaySite:
 
 
 class CoapServer:
-    def __init__(self, site: GatewaySite, *, bind: str, port: int, transport: str = "auto") -> None:
+    def __init__(
+        self,
+        site: GatewaySite,
+        *,
+        bind: str,
+        port: int,
+        transport: str = "auto",
+        root: Any = None,
+        extra_transports: tuple[str, ...] = (),
+        server_credentials: Any = None,
+    ) -> None:
         self._site = site
+        #: What the context serves: the site itself, or a wrapper around it (security).
+        self._root = site.site if root is None else root
+        self._transports = [choose_transport(bind, transport), *extra_transports]
+        self._server_credentials = server_credentials
         self._bind = bind
         self._port = port
-        self._transport = choose_transport(bind, transport)
         self.context: Any = None
 
     async def __aenter__(self) -> CoapServer:
         self.context = await Context.create_server_context(
-            self._site.site, bind=(self._bind, self._port), transports=[self._transport]
+            self._root,
+            bind=(self._bind, self._port),
+            transports=self._transports,
+            server_credentials=self._server_credentials,
         )
-        log.info("coap.listening", bind=self._bind, port=self._port, transport=self._transport)
+        log.info("coap.listening", bind=self._bind, port=self._port, transports=self._transports)
         return self
 
     async def __aexit__(

@@ -1,5 +1,8 @@
 """Retention: prune readings by age and by row count, in small transactions.
 
+A reading that still waits in the relay's outbox, or lies in its dead letters, is kept
+whatever its age: pruning must never turn an acknowledged reading into a lost one.
+
 Deletes go through the store writer in chunks so a large prune never holds the write lock
 long enough to delay acknowledgements to devices.
 """
@@ -13,6 +16,12 @@ import aiosqlite
 from gateway.store.writer import StoreWriter
 
 CHUNK = 2_000
+
+UNDELIVERED_EXCLUDED = (
+    "NOT EXISTS (SELECT 1 FROM outbox o WHERE o.kind = 'reading' AND o.ref_id = readings.id)"
+    " AND NOT EXISTS"
+    " (SELECT 1 FROM dead_letters d WHERE d.kind = 'reading' AND d.ref_id = readings.id)"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,7 +44,7 @@ async def prune(writer: StoreWriter, policy: RetentionPolicy, *, now: float) -> 
             async def by_age(conn: aiosqlite.Connection) -> int:
                 cursor = await conn.execute(
                     "DELETE FROM readings WHERE id IN (SELECT id FROM readings"
-                    " WHERE received_at < ? ORDER BY id LIMIT ?)",
+                    f" WHERE received_at < ? AND {UNDELIVERED_EXCLUDED} ORDER BY id LIMIT ?)",
                     (cutoff, CHUNK),
                 )
                 return cursor.rowcount
@@ -52,7 +61,7 @@ async def prune(writer: StoreWriter, policy: RetentionPolicy, *, now: float) -> 
                 cursor = await conn.execute(
                     "DELETE FROM readings WHERE id IN (SELECT id FROM readings WHERE id <"
                     " (SELECT id FROM readings ORDER BY id DESC LIMIT 1 OFFSET ?)"
-                    " ORDER BY id LIMIT ?)",
+                    f" AND {UNDELIVERED_EXCLUDED} ORDER BY id LIMIT ?)",
                     (policy.max_rows - 1, CHUNK),
                 )
                 return cursor.rowcount

@@ -125,3 +125,19 @@ async def test_retention_by_age_and_by_count(db: aiosqlite.Connection) -> None:
         assert [row[0] for row in await cursor.fetchall()] == [7, 8, 9]
     await writer.close()
     await task
+
+
+async def test_retention_keeps_readings_still_to_be_relayed(db: aiosqlite.Connection) -> None:
+    writer = StoreWriter(db)
+    task = await running(writer)
+    for i in range(4):
+        await writer.insert_readings(batch(("t", i, i), at=1000.0 + i))
+    await db.execute(
+        "INSERT INTO outbox (sink, kind, ref_id, device_id, encoding, first_at, next_attempt_at)"
+        " VALUES ('mqtt', 'reading', 1, 1, 'json', 0, 0)"
+    )
+    assert await prune(writer, RetentionPolicy(max_age_seconds=1), now=2000.0) == 3
+    async with db.execute("SELECT id FROM readings") as cursor:
+        assert [row[0] for row in await cursor.fetchall()] == [1]
+    await writer.close()
+    await task

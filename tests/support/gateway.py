@@ -33,6 +33,9 @@ def gateway_config(tmp_path: Path, **sections: dict[str, Any]) -> GatewayConfig:
         "server": {"bind": "127.0.0.1", "port": free_udp_port()},
         "store": {"path": str(tmp_path / "gateway.db")},
         "registry": {"expiry_interval": 0.2},
+        # Time-compressed tests post hundreds of readings a second from one device; the
+        # rate limits are tested on their own in tests/security with explicit settings.
+        "security": {"source_rate": 0, "device_rate": 0},
     }
     for section, values in sections.items():
         if isinstance(values, dict):
@@ -141,6 +144,10 @@ class GatewayProcess:
         process.stderr.close()
         with self._changed:
             self._changed.notify_all()
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._process is None else self._process.pid
 
     def events_named(self, name: str) -> list[dict[str, Any]]:
         with self._lock:

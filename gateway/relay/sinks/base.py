@@ -143,6 +143,26 @@ class SinkBase:
     def last_error(self) -> SinkError | None:
         return self._last_error
 
+    async def __aenter__(self) -> Self:
+        await self._open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._connected = False
+        await self._close()
+
+    async def _open(self) -> None:
+        """Prepare local resources. Never contact the downstream here: a sink must enter
+        even when its downstream is down, and connects lazily in `publish`."""
+
+    async def _close(self) -> None:
+        """Release whatever `_open` or `publish` acquired."""
+
     def transient(self, message: str, delivery: Delivery | None = None) -> TransientSinkError:
         return TransientSinkError(
             message, sink=self._name, attempt=None if delivery is None else delivery.attempt

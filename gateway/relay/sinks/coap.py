@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 import aiocoap
 import aiocoap.error
@@ -31,19 +30,12 @@ class CoapSink(SinkBase):
         self._config = config
         self._context: Any = None
 
-    async def __aenter__(self) -> Self:
+    async def _open(self) -> None:
         # Binds a local UDP socket only; the upstream is first contacted by publish.
         self._context = await aiocoap.Context.create_client_context()
-        return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def _close(self) -> None:
         context, self._context = self._context, None
-        self._connected = False
         if context is not None:
             await context.shutdown()
 

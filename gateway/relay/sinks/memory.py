@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from types import TracebackType
-from typing import Literal, Self
+from typing import Literal
 
 from gateway.errors import SinkError
 from gateway.relay.sinks.base import Delivery, Result, SinkBase
@@ -31,17 +30,8 @@ class MemorySink(SinkBase):
         self._released.set()
         self._changed = asyncio.Condition()
 
-    async def __aenter__(self) -> Self:
+    async def _open(self) -> None:
         self._connected = not self.is_down
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._connected = False
 
     def set_down(self, down: bool = True) -> None:
         self.is_down = down

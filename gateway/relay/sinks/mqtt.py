@@ -17,8 +17,6 @@ import asyncio
 import contextlib
 import ssl
 from collections.abc import Sequence
-from types import TracebackType
-from typing import Self
 from urllib.parse import urlsplit
 
 import aiomqtt
@@ -50,15 +48,7 @@ class MqttSink(SinkBase):
         self._protocol = versions.V5 if config.mqtt_version == "5" else versions.V311
         self._client: aiomqtt.Client | None = None
 
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def _close(self) -> None:
         await self._disconnect()
 
     def topic(self, delivery: Delivery) -> str:

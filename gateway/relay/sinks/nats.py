@@ -18,8 +18,7 @@ import contextlib
 import re
 import ssl
 from collections.abc import Sequence
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 from urllib.parse import urlsplit
 
 import nats
@@ -64,15 +63,7 @@ class NatsSink(SinkBase):
         self._nc: NatsClient | None = None
         self._js: JetStreamContext | None = None
 
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def _close(self) -> None:
         await self._disconnect()
 
     def subject(self, delivery: Delivery) -> str:

@@ -12,8 +12,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 from collections.abc import Sequence
-from types import TracebackType
-from typing import Self
 
 import aiohttp
 
@@ -36,24 +34,17 @@ class WebhookSink(SinkBase):
         self._config = config
         self._session: aiohttp.ClientSession | None = None
 
-    async def __aenter__(self) -> Self:
+    async def _open(self) -> None:
         # Creating the session opens no connection; an unreachable URL shows up in publish.
         self._session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=self._config.timeout),
             headers=self._config.headers,
         )
-        return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def _close(self) -> None:
         if self._session is not None:
             await self._session.close()
             self._session = None
-        self._connected = False
 
     async def publish(self, batch: Sequence[Delivery]) -> Sequence[Result]:
         results: list[Result] = []

@@ -45,6 +45,8 @@ CREATE TABLE outbox (
     last_error       TEXT
 );
 CREATE INDEX outbox_sink ON outbox(sink, id);
+-- retention keeps readings that still have to be delivered (or replayed)
+CREATE INDEX outbox_ref ON outbox(kind, ref_id);
 
 CREATE TABLE dead_letters (
     id          INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -62,6 +64,7 @@ CREATE TABLE dead_letters (
     last_error  TEXT
 );
 CREATE INDEX dead_letters_sink ON dead_letters(sink, id);
+CREATE INDEX dead_letters_ref ON dead_letters(kind, ref_id);
 
 -- Written by the running gateway every relay.status_interval; read by `gateway relay status`.
 CREATE TABLE relay_status (
