@@ -254,6 +254,10 @@ def gateway_argv(
     lines = ["[server]", 'bind = "127.0.0.1"', f"port = {port}"]
     lines += ["[store]", f"path = {json.dumps(str(db))}"]
     lines += ["[logging]", f'level = "{level}"', 'format = "json"']
+    # A benchmark device sends far more often than a real one: raise the per-source and
+    # per-device rate limits above the load (they are still checked on every request).
+    lines += ["[security]", "source_rate = 1000.0", "source_burst = 2000.0"]
+    lines += ["device_rate = 1000.0", "device_burst = 2000.0"]
     if sink is not None:
         # Fast retries, no give-up: the catch-up figure starts its broker after filling the
         # outbox and wants the drain to start when the broker does.
