@@ -22,11 +22,20 @@ import aiosqlite
 import structlog
 
 from gateway.coap.alerts import AlertsResource, ListNamesResource, ListsResource
-from gateway.coap.readings import ReadingsResource
+from gateway.coap.commands import CommandsResource
+from gateway.coap.observe import DevicesResource, ObservableReadingsResource
 from gateway.coap.registration import RegistrationCollection, RegistrationEntries
-from gateway.coap.server import CORE_LINKS, RULES_LINKS, CoapServer, GatewaySite
+from gateway.coap.server import (
+    CORE_LINKS,
+    RULES_LINKS,
+    CoapServer,
+    GatewaySite,
+    PublishedResource,
+)
+from gateway.commands.dispatcher import CommandDispatcher
 from gateway.config import GatewayConfig
 from gateway.ingest import Ingest
+from gateway.observe.client import DeviceObserver
 from gateway.registry import Registry
 from gateway.relay.config import sink_from_config
 from gateway.relay.service import Relay
@@ -71,6 +80,10 @@ class Gateway:
     site: GatewaySite
     security: SecurityLayer
     coap: CoapServer
+    readings: ObservableReadingsResource
+    devices: DevicesResource
+    commands: CommandDispatcher
+    observer: DeviceObserver
 
     async def __aenter__(self) -> Gateway:
         try:
@@ -130,6 +143,7 @@ class Gateway:
         # Runs before the writer closes: cancelled workers release their entries through it.
         stack.push_async_callback(self._stop_relay)
 
+        self._build_observe_and_commands()
         self.site = self._build_site()
         self.security = await stack.enter_async_context(
             SecurityLayer(
@@ -149,6 +163,50 @@ class Gateway:
                 **self.security.server_options(),
             )
         )
+        self._start_observe_and_commands()
+
+    def _build_observe_and_commands(self) -> None:
+        def context() -> Any:
+            return self.coap.context
+
+        self.readings = ObservableReadingsResource(self.ingest, self.reader, self.config.observe)
+        self.devices = DevicesResource(self.reader, self.config.observe)
+        self.commands = CommandDispatcher(
+            self.config.commands,
+            writer=self.writer,
+            reader=self.reader,
+            context=context,
+            clock=self._clock,
+        )
+        self.observer = DeviceObserver(
+            self.config.observe, ingest=self.ingest, reader=self.reader, context=context
+        )
+        self.writer.add_commit_listener(self.readings.on_commit)
+        self.writer.add_commit_listener(self.commands.on_commit)
+        for listener in (
+            self.devices.on_registry_event,
+            self.commands.on_registry_event,
+            self.observer.on_registry_event,
+        ):
+            self.registry.add_listener(listener)
+        self.readings.address_listeners += [self.observer.on_address, self.commands.on_address]
+
+    def _start_observe_and_commands(self) -> None:
+        """Started once the CoAP endpoint is up (they send from it); stopped before it closes."""
+        assert self._tasks is not None
+        clients = [
+            self._tasks.create_task(self.readings.fanout.run(), name="observe.readings"),
+            self._tasks.create_task(self.devices.fanout.run(), name="observe.devices"),
+            self._tasks.create_task(self.commands.run(), name="commands.dispatcher"),
+            self._tasks.create_task(self.observer.run(), name="observe.client"),
+        ]
+
+        async def stop() -> None:
+            for task in clients:
+                task.cancel()
+            await asyncio.wait(clients, timeout=SHUTDOWN_DEADLINE)
+
+        self._stack.push_async_callback(stop)
 
     def _spawn(self, coroutine: Coroutine[Any, Any, None], name: str) -> None:
         assert self._tasks is not None
@@ -159,7 +217,13 @@ class Gateway:
         rd, readings = CORE_LINKS
         site.add(("rd",), RegistrationCollection(self.registry, self.config.registry), rd)
         site.add(("rd",), RegistrationEntries(self.registry, self.config.registry))
-        site.add(("r",), ReadingsResource(self.ingest, self.reader), readings)
+        site.add(("r",), self.readings, readings)
+        site.add(
+            ("devices",),
+            self.devices,
+            PublishedResource(("devices",), {"rt": "coapgw.devices", "ct": "60 50", "obs": None}),
+        )
+        site.add(("cmd",), CommandsResource(self.commands, self.reader))
         alerts, lists = RULES_LINKS
         alerts_resource = AlertsResource(self.reader)
         names_resource = ListNamesResource(self.reader)

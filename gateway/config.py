@@ -79,6 +79,52 @@ class RegistryConfig:
 
 
 @dataclass(frozen=True)
+class ObserveConfig:
+    """Observe both ways: the gateway's own observable resources, and devices it observes."""
+
+    #: Max-Age (seconds) of notifications from /r/NAME and /devices.
+    max_age: int = 60
+    #: Every this many notifications to one observer, one is confirmable, so an observer
+    #: that went away is noticed (RFC 7641 §4.5) ...
+    con_every: int = 20
+    #: ... and at least one every this many seconds.
+    con_interval: float = 86_400.0
+    #: Notifications handed to the CoAP stack per step before the notifier yields to ingest.
+    fanout_batch: int = 200
+    #: Per device type, which of its resource paths the gateway observes. A type not listed
+    #: gets every link its registration marked `obs`; an empty list observes nothing.
+    paths: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    #: An observation silent this long (seconds) is re-established; a shorter Max-Age on
+    #: the device's notifications shortens it to Max-Age + `grace`.
+    reestablish_after: float = 600.0
+    grace: float = 5.0
+    #: Seconds to wait for a device's first answer to an observe request, and before trying
+    #: again after a failed one.
+    request_timeout: float = 15.0
+    retry_after: float = 5.0
+
+
+@dataclass(frozen=True)
+class CommandsConfig:
+    #: Seconds after a queue-mode device's registration update or reading during which its
+    #: queued commands are sent; per device type in `wake_windows`.
+    wake_window: float = 5.0
+    wake_windows: dict[str, float] = field(default_factory=dict)
+    #: How often the queue is looked at for commands written by another process (the CLI)
+    #: and for expired TTLs, in seconds.
+    poll_interval: float = 0.5
+    #: Seconds to wait for the device's response to a command.
+    response_timeout: float = 30.0
+    #: Sends without any answer before a command is failed.
+    max_attempts: int = 3
+    #: Devices being sent commands at the same time.
+    max_in_flight: int = 64
+
+    def window(self, device_type: str) -> float:
+        return self.wake_windows.get(device_type, self.wake_window)
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     level: Literal["debug", "info", "warning", "error"] = "info"
     #: "auto" renders for people on a TTY and JSON lines otherwise.
@@ -134,6 +180,8 @@ class GatewayConfig:
     routes: tuple[RouteConfig, ...] = ()
     rules: tuple[RuleConfig, ...] = ()
     security: SecurityConfig = field(default_factory=SecurityConfig)
+    observe: ObserveConfig = field(default_factory=ObserveConfig)
+    commands: CommandsConfig = field(default_factory=CommandsConfig)
 
     def replace(self, section: str, **changes: Any) -> GatewayConfig:
         """A copy with some keys of one section changed (used for command-line flags)."""
@@ -236,6 +284,7 @@ def check_config(config: GatewayConfig) -> None:
     check_relay(config.sinks, config.routes, config.relay)
     check_rules(config.rules)
     check_security(config.security)
+    check_observe_commands(config.observe, config.commands)
     reg = config.registry
     if not reg.min_lifetime <= reg.default_lifetime <= reg.max_lifetime:
         raise ConfigError(
@@ -256,3 +305,15 @@ def check_security(security: SecurityConfig) -> None:
             "security.amplification_factor must be 0 (off) or at least 1",
             key="security.amplification_factor",
         )
+
+
+def check_observe_commands(observe: ObserveConfig, commands: CommandsConfig) -> None:
+    if observe.con_every < 1:
+        raise ConfigError("observe.con_every must be at least 1", key="observe.con_every")
+    if observe.max_age < 0 or observe.con_interval <= 0 or observe.fanout_batch < 1:
+        raise ConfigError("observe timings must be positive", key="observe")
+    if commands.max_attempts < 1 or commands.max_in_flight < 1:
+        raise ConfigError("commands.max_attempts and max_in_flight must be at least 1")
+    windows = [commands.wake_window, *commands.wake_windows.values()]
+    if any(w <= 0 for w in windows) or commands.poll_interval <= 0:
+        raise ConfigError("commands windows and poll_interval must be positive", key="commands")

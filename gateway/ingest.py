@@ -13,7 +13,11 @@ from dataclasses import dataclass
 
 from gateway.config import IngestConfig
 from gateway.core.model import Device
-from gateway.core.readings import check_reading_format, decode_readings
+from gateway.core.readings import (
+    check_reading_format,
+    decode_readings,
+    resource_payload_as_reading,
+)
 from gateway.core.validate import Limits, validate_measurements
 from gateway.errors import PayloadTooLargeError, UnknownDeviceError
 from gateway.registry import Registry
@@ -87,3 +91,20 @@ class Ingest:
             await self._admit(device, len(checked))
         await self._writer.insert_readings(ReadingBatch(device, checked, now, address))
         return IngestResult(device, len(checked))
+
+    async def post_resource(
+        self,
+        device_name: str,
+        path: str,
+        payload: bytes,
+        content_format: int | None,
+        *,
+        address: str | None = None,
+    ) -> IngestResult:
+        """A representation of a device's own resource (an observe notification) as a reading.
+
+        The same pipeline as `post`; a bare value (`/temp` answering `4.5`) is stored as the
+        measurement named after the path's last segment.
+        """
+        payload, content_format = resource_payload_as_reading(path, payload, content_format)
+        return await self.post(device_name, payload, content_format, address=address)

@@ -4,10 +4,12 @@ deduplication, and the store's one-trip group commit."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import subprocess
 from pathlib import Path
 
 import aiocoap
+import aiocoap.error
 import cbor2
 import pytest
 from aiocoap.numbers.codes import Code
@@ -194,3 +196,19 @@ async def test_two_writers_on_one_database_each_report_only_their_own_rows(
             await conn.close()
     assert [r.seq for r in seen[0]] == [0, 2, 4] and {r.device.name for r in seen[0]} == {"a"}
     assert [r.seq for r in seen[1]] == [1, 3, 5] and {r.device.name for r in seen[1]} == {"b"}
+
+
+async def test_a_peer_that_went_away_fails_at_once_on_the_simple_transport(
+    gateway: Gateway,
+) -> None:
+    """An ICMP port-unreachable ends the exchange (and so an observation) right away,
+    instead of after the CON retransmissions time out."""
+    assert gateway.coap._transports[0] == "simplesocketserver"
+    context = gateway.coap.context
+    peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    peer.bind(("127.0.0.1", 0))
+    port = peer.getsockname()[1]
+    peer.close()
+    request = aiocoap.Message(code=Code.GET, uri=f"coap://127.0.0.1:{port}/temp")
+    with pytest.raises(aiocoap.error.NetworkError):
+        await asyncio.wait_for(context.request(request).response, 5)

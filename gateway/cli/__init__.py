@@ -16,6 +16,7 @@ def main() -> None:
 # Imported for their side effect of adding commands to `main`.
 from gateway.cli import (  # noqa: E402, F401
     alerts,
+    commands,
     config_check,
     devices,
     readings,

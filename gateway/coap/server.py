@@ -15,6 +15,10 @@ Two choices here are about speed, measured with bench/ (docs/performance.md):
 
 from __future__ import annotations
 
+import os
+import socket
+import struct
+import sys
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -43,7 +47,7 @@ READING_CT = f"{CF_CBOR} {CF_SENML_CBOR} {CF_JSON} {CF_SENML_JSON}"
 
 CORE_LINKS = (
     PublishedResource(("rd",), {"rt": "core.rd", "ct": str(CF_LINK_FORMAT)}),
-    PublishedResource(("r",), {"rt": "coapgw.readings", "ct": READING_CT}),
+    PublishedResource(("r",), {"rt": "coapgw.readings", "ct": READING_CT, "obs": None}),
 )
 
 
@@ -65,6 +69,66 @@ def choose_transport(bind: str, configured: str = "auto") -> str:
     if configured != "auto":
         return configured
     return "udp6" if bind in ANY_ADDRESSES else "simplesocketserver"
+
+
+# Linux values, as aiocoap's own udp6 transport uses them (not every Python exposes them).
+IP_RECVERR = getattr(socket, "IP_RECVERR", 11)
+IPV6_RECVERR = getattr(socket, "IPV6_RECVERR", 25)
+MSG_ERRQUEUE = getattr(socket, "MSG_ERRQUEUE", 8192)
+
+
+def report_icmp_errors(context: Any) -> int:
+    """Let a `simplesocketserver` context learn of ICMP errors, as `udp6` does.
+
+    Without this, a CON to a peer that has gone (port unreachable) is retransmitted until
+    it times out (about 90 s), and an observer that went away keeps its observation that
+    long. With IP(V6)_RECVERR the kernel queues such errors with the address they concern;
+    when the socket reports one, the queue is read and the error is dispatched for that
+    peer, which ends its exchanges and observations at once. Only the rare error path pays
+    for this: plain datagrams are still read without ancillary data. Returns how many
+    sockets were set up (0 on platforms without RECVERR).
+    """
+    if not sys.platform.startswith("linux"):
+        return 0
+    count = 0
+    for interface in context.request_interfaces:
+        manager = getattr(interface, "token_interface", None)
+        message_interface = getattr(manager, "message_interface", None)
+        server_socket = getattr(message_interface, "_pool", None)
+        transport = getattr(server_socket, "_transport", None)
+        if transport is None or not hasattr(server_socket, "_Address"):
+            continue
+        # asyncio hands out a wrapper without recvmsg; the socket itself is `_sock`.
+        wrapper = transport.get_extra_info("socket")
+        sock = getattr(wrapper, "_sock", wrapper)
+        if sock.family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVERR, 1)
+        else:
+            sock.setsockopt(socket.IPPROTO_IP, IP_RECVERR, 1)
+        server_socket.error_received = _errqueue_reader(server_socket, message_interface, sock)  # type: ignore[union-attr]
+        count += 1
+    return count
+
+
+def _errqueue_reader(server_socket: Any, message_interface: Any, sock: Any) -> Any:
+    def error_received(exception: Exception) -> None:
+        while True:
+            try:
+                _, ancdata, _, address = sock.recvmsg(1, 1024, MSG_ERRQUEUE)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            number = exception.errno if isinstance(exception, OSError) else None
+            for _, _, data in ancdata:
+                if len(data) >= 4:
+                    (number,) = struct.unpack_from("=I", data)  # sock_extended_err.ee_errno
+            error = OSError(number or 0, f"{os.strerror(number or 0)} (ICMP, errqueue)")
+            message_interface._received_exception(
+                server_socket._Address(server_socket, address), error
+            )
+
+    return error_received
 
 
 class RoutingSite(resource.Site):  # type: ignore[misc]
@@ -147,6 +211,8 @@ class CoapServer:
             transports=self._transports,
             server_credentials=self._server_credentials,
         )
+        if "simplesocketserver" in self._transports:
+            report_icmp_errors(self.context)
         log.info("coap.listening", bind=self._bind, port=self._port, transports=self._transports)
         return self
 

@@ -116,6 +116,26 @@ def decode_readings(payload: bytes, content_format: int | None, *, now: float) -
     raise AssertionError("unreachable")
 
 
+def resource_payload_as_reading(
+    path: str, payload: bytes, content_format: int | None
+) -> tuple[bytes, int | None]:
+    """A device resource's bare CBOR/JSON value, re-encoded as `{last path segment: value}`.
+
+    Anything else (maps, arrays, SenML, malformed bytes) is returned unchanged, for
+    `decode_readings` to accept or refuse as usual.
+    """
+    name = path.rstrip("/").rsplit("/", 1)[-1]
+    if not name or content_format not in (None, CF_CBOR, CF_JSON) or not payload:
+        return payload, content_format
+    try:
+        value = _load_cbor(payload) if content_format != CF_JSON else _load_json(payload)
+    except DecodeError:
+        return payload, content_format
+    if isinstance(value, bool | int | float | str):
+        return cbor2.dumps({name: value}), CF_CBOR
+    return payload, content_format
+
+
 def _load_cbor(payload: bytes) -> Any:
     if not payload:
         raise DecodeError("empty payload")

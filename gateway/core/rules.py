@@ -82,6 +82,8 @@ LIST_FIELDS = ("device", "device_type", "rule")
 
 #: Recent gaps between a device's readings kept to estimate its interval (median).
 _GAPS_KEPT = 8
+#: Readings closer together than this are one burst, not an interval.
+_MIN_GAP = 1.0
 #: Bound on samples kept per rate rule and device, whatever the window.
 _MAX_RATE_SAMPLES = 256
 
@@ -177,6 +179,9 @@ class SilenceRule(_AlertRuleBase, frozen=True, kw_only=True, tag="silence"):
     kind: ClassVar[str] = "silence"
     interval: float | None = None
     factor: float = 3.0
+    #: Floor of an observed interval: a burst (a POST and the notifications of the device's
+    #: observed resources arriving together) is not the device's reporting interval.
+    min_interval: float = 10.0
 
 
 class StockRule(_RuleBase, frozen=True, kw_only=True, tag="stock"):
@@ -620,7 +625,7 @@ class RuleEngine:
 
     @staticmethod
     def _note_seen(dev: DeviceState, at: float) -> None:
-        if dev.last_seen is not None and at > dev.last_seen:
+        if dev.last_seen is not None and at - dev.last_seen >= _MIN_GAP:
             dev.gaps.append(at - dev.last_seen)
             del dev.gaps[:-_GAPS_KEPT]
         if dev.last_seen is None or at > dev.last_seen:
@@ -728,7 +733,7 @@ class RuleEngine:
     ) -> _Observation | None:
         interval = rule.interval
         if interval is None and dev.gaps:
-            interval = statistics.median(dev.gaps)
+            interval = max(statistics.median(dev.gaps), rule.min_interval)
         silent_for = None if dev.last_seen is None else round(float(now - dev.last_seen), 1)
         if state.phase is Phase.RAISED:
             # Only a reading ends a silence; a sign of life given to seen() (say, at

@@ -183,6 +183,11 @@ class Guard(interfaces.Resource):  # type: ignore[misc]
             return
         if request.opt.observe == 0 and request.code == Code.GET:
             self._admit_observer(pipe, request, source)
+            # aiocoap cuts only plain GET answers into Block2 blocks; an Observe registration
+            # is bounded instead by the observer limits and by its confirmable notifications,
+            # which end the observation of a (spoofed) peer that does not acknowledge them.
+            if request.opt.observe == 0:
+                budget = None
         if budget is not None:
             request = self._ask_for_small_blocks(request, budget)
             pipe = _ShapedPipe(pipe, request, lambda r: self._shape(r, budget, request))

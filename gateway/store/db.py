@@ -39,8 +39,8 @@ def migrations() -> list[Migration]:
         found.append(Migration(int(number), rest.removesuffix(".sql"), entry.read_text()))
     found.sort(key=lambda migration: migration.version)
     versions = [migration.version for migration in found]
-    if len(set(versions)) != len(versions) or (versions and versions[0] < 1):
-        raise StoreError(f"migrations must have distinct numbers from 1 up, found {versions}")
+    if versions != list(range(1, len(found) + 1)):
+        raise StoreError(f"migrations must be numbered 1..n without gaps, found {versions}")
     return found
 
 

@@ -140,6 +140,7 @@ async def test_commands_need_an_operator(
     gateway: Gateway, gateway_url: str, coap_client: aiocoap.Context, device_factory: Any
 ) -> None:
     device = await device_factory("fr1")
+    assert (await device.register()).code == Code.CREATED
     operator = await device_factory("ops", role="operator")
     anonymous = await coap_client.request(
         aiocoap.Message(code=Code.POST, uri=f"{gateway_url}/cmd/fr1", payload=b"x")
@@ -149,11 +150,13 @@ async def test_commands_need_an_operator(
         aiocoap.Message(code=Code.POST, uri=f"{gateway_url}/cmd/fr1", payload=b"x")
     ).response
     assert as_device.code == Code.FORBIDDEN
+    command = cbor2.dumps({"path": "/setpoint", "method": "PUT", "payload": 4})
     as_operator = await operator.context.request(
-        aiocoap.Message(code=Code.POST, uri=f"{gateway_url}/cmd/fr1", payload=b"x")
+        aiocoap.Message(
+            code=Code.POST, uri=f"{gateway_url}/cmd/fr1", payload=command, content_format=60
+        )
     ).response
-    # Past the guard: this tree has no /cmd resource yet, so the site answers 4.04.
-    assert as_operator.code == Code.NOT_FOUND
+    assert as_operator.code == Code.CREATED, as_operator.payload
 
 
 async def test_revoked_credentials_stop_working_at_once(

@@ -373,6 +373,16 @@ def test_silence_from_the_observed_interval() -> None:
     assert kinds(engine.tick(120 + 91)) == [("AlertRaised", 211)]
 
 
+def test_silence_is_not_fooled_by_a_burst() -> None:
+    # A POST and the notifications of observed resources arrive together: 0.1 s apart.
+    engine = RuleEngine([SilenceRule(name="silent", factor=3, min_interval=10)])
+    feed(engine, [(0.0, {"temp": 4.0}), (0.1, {"door": False}), (0.2, {"temp": 4.1})])
+    assert engine.tick(5) == []  # no interval known from a burst
+    feed(engine, [(60.0, {"temp": 4.0}), (60.1, {"door": False})])
+    assert engine.tick(60 + 179) == []  # interval 60 s: silent only past 180 s
+    assert kinds(engine.tick(60 + 181)) == [("AlertRaised", 241)]
+
+
 def test_silence_needs_an_interval() -> None:
     engine = RuleEngine([SilenceRule(name="silent")])
     feed(engine, [(0, {"temp": 4.0})])
