@@ -39,6 +39,11 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix gateway device_sim tests
 	$(BIN)/ruff format gateway device_sim tests
 
+# Figures against baselines measured in the same run (docs/performance.md); BENCH_QUICK=1
+# for a ~30 s smoke run.
+bench: $(STAMP)
+	$(BIN)/python bench/run.py
+
 # Longer fuzz runs than the bounded ones in `make test` (FUZZ_EXAMPLES=N to change).
 FUZZ_EXAMPLES ?= 20000
 fuzz: $(STAMP)

@@ -34,6 +34,9 @@ class ServerConfig:
     port: int = 5683
     #: Name of this gateway in relayed messages and topics.
     name: str = "gw1"
+    #: aiocoap server transport: "auto" takes "udp6" for the any-address ("::", "0.0.0.0")
+    #: and the cheaper "simplesocketserver" for a specific address.
+    transport: Literal["auto", "udp6", "simplesocketserver"] = "auto"
 
 
 @dataclass(frozen=True)

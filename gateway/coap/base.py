@@ -90,7 +90,10 @@ class GatewayResource(resource.Resource):  # type: ignore[misc]
 
     def path_text(self, request: Message) -> str:
         original = getattr(request, "_original_request_uri", None)
-        return str(original) if original else "/" + "/".join(request.opt.uri_path)
+        if original:
+            return str(original)
+        routed = getattr(request, "routed_path", None)  # set by RoutingSite
+        return "/" + "/".join(routed if routed is not None else request.opt.uri_path)
 
 
 def single_path_segment(request: Message, what: str) -> str:

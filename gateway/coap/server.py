@@ -2,10 +2,23 @@
 
 aiocoap's `Context` has no `async with`; `CoapServer` wraps its creation and shutdown so the
 gateway's exit stack can own it like any other long-lived part.
+
+Two choices here are about speed, measured with bench/ (docs/performance.md):
+- `RoutingSite` dispatches like aiocoap's `Site` but strips the matched path from the request
+  in place; `Site` builds the full request URI (for its `_original_request_uri`) and copies
+  the whole message for every request, which costs more than the rest of the dispatch.
+- The transport: aiocoap's `udp6` reads ancillary data (the local address) for every
+  datagram, which a server bound to one address does not need; `simplesocketserver` reads
+  plain datagrams, but cannot bind the any-address. `server.transport = "auto"` picks
+  `udp6` for `::` / `0.0.0.0` and `simplesocketserver` for a specific address.
 """
 
 from __future__ import annotations
 
+import os
+import socket
+import struct
+import sys
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -48,11 +61,112 @@ RULES_LINKS = (
 )
 
 
+ANY_ADDRESSES = ("::", "0.0.0.0", "")
+
+
+def choose_transport(bind: str, configured: str = "auto") -> str:
+    """The aiocoap server transport for a bind address (see the module docstring)."""
+    if configured != "auto":
+        return configured
+    return "udp6" if bind in ANY_ADDRESSES else "simplesocketserver"
+
+
+# Linux values, as aiocoap's own udp6 transport uses them (not every Python exposes them).
+IP_RECVERR = getattr(socket, "IP_RECVERR", 11)
+IPV6_RECVERR = getattr(socket, "IPV6_RECVERR", 25)
+MSG_ERRQUEUE = getattr(socket, "MSG_ERRQUEUE", 8192)
+
+
+def report_icmp_errors(context: Any) -> int:
+    """Let a `simplesocketserver` context learn of ICMP errors, as `udp6` does.
+
+    Without this, a CON to a peer that has gone (port unreachable) is retransmitted until
+    it times out (about 90 s), and an observer that went away keeps its observation that
+    long. With IP(V6)_RECVERR the kernel queues such errors with the address they concern;
+    when the socket reports one, the queue is read and the error is dispatched for that
+    peer, which ends its exchanges and observations at once. Only the rare error path pays
+    for this: plain datagrams are still read without ancillary data. Returns how many
+    sockets were set up (0 on platforms without RECVERR).
+    """
+    if not sys.platform.startswith("linux"):
+        return 0
+    count = 0
+    for interface in context.request_interfaces:
+        manager = getattr(interface, "token_interface", None)
+        message_interface = getattr(manager, "message_interface", None)
+        server_socket = getattr(message_interface, "_pool", None)
+        transport = getattr(server_socket, "_transport", None)
+        if transport is None or not hasattr(server_socket, "_Address"):
+            continue
+        # asyncio hands out a wrapper without recvmsg; the socket itself is `_sock`.
+        wrapper = transport.get_extra_info("socket")
+        sock = getattr(wrapper, "_sock", wrapper)
+        if sock.family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVERR, 1)
+        else:
+            sock.setsockopt(socket.IPPROTO_IP, IP_RECVERR, 1)
+        server_socket.error_received = _errqueue_reader(server_socket, message_interface, sock)  # type: ignore[union-attr]
+        count += 1
+    return count
+
+
+def _errqueue_reader(server_socket: Any, message_interface: Any, sock: Any) -> Any:
+    def error_received(exception: Exception) -> None:
+        while True:
+            try:
+                _, ancdata, _, address = sock.recvmsg(1, 1024, MSG_ERRQUEUE)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            number = exception.errno if isinstance(exception, OSError) else None
+            for _, _, data in ancdata:
+                if len(data) >= 4:
+                    (number,) = struct.unpack_from("=I", data)  # sock_extended_err.ee_errno
+            error = OSError(number or 0, f"{os.strerror(number or 0)} (ICMP, errqueue)")
+            message_interface._received_exception(
+                server_socket._Address(server_socket, address), error
+            )
+
+    return error_received
+
+
+class RoutingSite(resource.Site):  # type: ignore[misc]
+    """aiocoap's `Site`, routing without building the request URI or copying the request.
+
+    The matched prefix is removed from the request's Uri-Path in place (the request belongs
+    to this exchange alone) and remembered in `routed_path`, so routing the same request
+    again (aiocoap asks for block-wise and observation decisions separately) finds the same
+    child with the same remainder.
+    """
+
+    def _find_child_and_pathstripped_message(self, request: Any) -> tuple[Any, Any]:
+        path = getattr(request, "routed_path", None)
+        if path is None:
+            path = tuple(request.opt.uri_path)
+        child = self._resources.get(path)
+        remainder: tuple[str, ...] = ()
+        if child is None:
+            # Longest registered prefix that leaves at least one segment, as Site does.
+            for cut in range(len(path) - 1, 0, -1):
+                child = self._subsites.get(path[:cut])
+                if child is not None:
+                    remainder = path[cut:]
+                    break
+            else:
+                raise KeyError(path)
+            if remainder == ("",):
+                remainder = ()  # sub-sites see their root resource like sites
+        request.routed_path = path
+        request.opt.uri_path = remainder
+        return child, request
+
+
 class GatewaySite:
     """Builds the aiocoap Site and remembers what /.well-known/core announces."""
 
     def __init__(self) -> None:
-        self.site = resource.Site()
+        self.site = RoutingSite()
         self._published: list[PublishedResource] = []
         self.site.add_resource(
             (".well-known", "core"), resource.WKCResource(self._links, impl_info=None)
@@ -76,7 +190,7 @@ class CoapServer:
         *,
         bind: str,
         port: int,
-        transport: str = "udp6",
+        transport: str = "auto",
         root: Any = None,
         extra_transports: tuple[str, ...] = (),
         server_credentials: Any = None,
@@ -84,11 +198,10 @@ class CoapServer:
         self._site = site
         #: What the context serves: the site itself, or a wrapper around it (security).
         self._root = site.site if root is None else root
-        self._transports = [transport, *extra_transports]
+        self._transports = [choose_transport(bind, transport), *extra_transports]
         self._server_credentials = server_credentials
         self._bind = bind
         self._port = port
-        self._transport = transport
         self.context: Any = None
 
     async def __aenter__(self) -> CoapServer:
@@ -98,6 +211,8 @@ class CoapServer:
             transports=self._transports,
             server_credentials=self._server_credentials,
         )
+        if "simplesocketserver" in self._transports:
+            report_icmp_errors(self.context)
         log.info("coap.listening", bind=self._bind, port=self._port, transports=self._transports)
         return self
 

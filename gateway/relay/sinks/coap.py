@@ -67,10 +67,11 @@ class CoapSink(SinkBase):
             content_format=first.encoding.content_format,
         )
         try:
-            # On timeout wait_for cancels the response future, which stops retransmitting.
-            response = await asyncio.wait_for(
-                self._context.request(request).response, self._config.timeout
-            )
+            # On timeout the awaited response future is cancelled, which stops retransmitting.
+            # Not wait_for: on Python 3.11 it returns a response that arrives together with a
+            # cancellation and drops the cancellation, so a stopping worker kept running.
+            async with asyncio.timeout(self._config.timeout):
+                response = await self._context.request(request).response
         except TimeoutError as exc:
             raise self.down(self.transient("CoAP upstream did not answer", first)) from exc
         except aiocoap.error.Error as exc:

@@ -1,0 +1,142 @@
+"""Baseline servers the gateway is measured against, each meant to run in its own process.
+
+- `aiocoap`: a bare aiocoap server with the default transport and a `Site`, whose `/r/NAME`
+  resource only decodes the CBOR payload and answers 2.04: what aiocoap costs by itself
+  (its `/rd` answers 2.01 and stores nothing, a baseline for registration rates).
+- `minimal`: an asyncio UDP responder answering every CON with a piggybacked, empty 2.04
+  ACK: the ceiling for Python on this machine.
+
+- `mqtt-publish` / `jetstream-publish`: not servers but clients: publish COUNT messages of
+  the relay's size with the client library the relay uses (aiomqtt at QoS 1, nats-py to
+  JetStream), 100 in flight at a time as the relay's batches are, and print the rate: the
+  ceiling for draining an outbox.
+
+`python bench/baselines.py KIND PORT [CPU]` serves until SIGTERM, pinned to CPU when given.
+It prints `ready` on stdout once it listens. `python bench/baselines.py mqtt-publish PORT
+COUNT [CPU]` prints `rate N` (messages per second) and exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from typing import Any
+
+
+def pin(cpu: int | None) -> None:
+    if cpu is not None and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {cpu})
+
+
+class MinimalResponder(asyncio.DatagramProtocol):
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        if len(data) < 4 or data[0] & 0x30:  # only CON gets an answer
+            return
+        tkl = data[0] & 0x0F
+        self.transport.sendto(bytes((0x60 | tkl, 0x44)) + data[2 : 4 + tkl], addr)
+
+
+async def serve_minimal(port: int, stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    transport, _ = await loop.create_datagram_endpoint(
+        MinimalResponder, local_addr=("127.0.0.1", port)
+    )
+    print("ready", flush=True)
+    await stop.wait()
+    transport.close()
+
+
+async def serve_aiocoap(port: int, stop: asyncio.Event) -> None:
+    import aiocoap
+    import aiocoap.resource
+    import cbor2
+
+    class Readings(aiocoap.resource.Resource, aiocoap.resource.PathCapable):  # type: ignore[misc]
+        async def render_post(self, request: aiocoap.Message) -> aiocoap.Message:
+            cbor2.loads(request.payload)
+            return aiocoap.Message(code=aiocoap.CHANGED)
+
+    class Directory(aiocoap.resource.Resource):  # type: ignore[misc]
+        async def render_post(self, request: aiocoap.Message) -> aiocoap.Message:
+            return aiocoap.Message(code=aiocoap.CREATED, location_path=("rd", "x"))
+
+    site = aiocoap.resource.Site()
+    site.add_resource(("r",), Readings())
+    site.add_resource(("rd",), Directory())
+    context = await aiocoap.Context.create_server_context(site, bind=("127.0.0.1", port))
+    print("ready", flush=True)
+    await stop.wait()
+    await context.shutdown()
+
+
+PAYLOAD = bytes(range(100)) + b"relay-sized message"  # about an encoded reading
+BATCH = 100
+
+
+async def publish_mqtt(port: int, count: int) -> float:
+    import logging
+
+    import aiomqtt
+
+    # aiomqtt warns about every publish beyond 10 pending; printing those would be the cost.
+    logging.getLogger("mqtt").setLevel(logging.ERROR)
+    async with aiomqtt.Client("127.0.0.1", port) as client:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        for first in range(0, count, BATCH):
+            await asyncio.gather(
+                *(
+                    client.publish(f"baseline/dev{i % 100}", PAYLOAD, qos=1)
+                    for i in range(first, min(count, first + BATCH))
+                )
+            )
+        return count / (loop.time() - started)
+
+
+async def publish_jetstream(port: int, count: int) -> float:
+    import nats
+
+    client = await nats.connect(f"nats://127.0.0.1:{port}")
+    try:
+        js = client.jetstream()
+        await js.add_stream(name="BASELINE", subjects=["baseline.>"])
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        for first in range(0, count, BATCH):
+            await asyncio.gather(
+                *(
+                    js.publish(f"baseline.dev{i % 100}", PAYLOAD, headers={"Nats-Msg-Id": str(i)})
+                    for i in range(first, min(count, first + BATCH))
+                )
+            )
+        return count / (loop.time() - started)
+    finally:
+        await client.close()
+
+
+async def main(kind: str, port: int) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    if kind == "minimal":
+        await serve_minimal(port, stop)
+    elif kind == "aiocoap":
+        await serve_aiocoap(port, stop)
+    else:
+        raise SystemExit(f"unknown baseline {kind!r}: use minimal or aiocoap")
+
+
+if __name__ == "__main__":
+    if sys.argv[1] in ("mqtt-publish", "jetstream-publish"):
+        pin(int(sys.argv[4]) if len(sys.argv) > 4 else None)
+        publish = publish_mqtt if sys.argv[1] == "mqtt-publish" else publish_jetstream
+        print(f"rate {asyncio.run(publish(int(sys.argv[2]), int(sys.argv[3]))):.1f}", flush=True)
+    else:
+        pin(int(sys.argv[3]) if len(sys.argv) > 3 else None)
+        asyncio.run(main(sys.argv[1], int(sys.argv[2])))

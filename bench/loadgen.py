@@ -1,0 +1,556 @@
+"""A raw-UDP CoAP load generator: many sockets, a window of Confirmable requests in flight.
+
+Messages are built with `struct` from pre-encoded option bytes, so the generator spends its
+time on the wire, not in a CoAP library: one process on one core can saturate a Python
+CoAP server. Each socket stands for one device (its own source port, its own message-id and
+token counters). Responses are matched by (socket, message id) for ACKs and by (socket,
+token) for separate responses; an empty ACK stops retransmission and the separate CON
+response that follows is acknowledged, as RFC 7252 asks.
+
+Use it as a library:
+
+    workload = CborReadings(names)
+    async with LoadGenerator(("127.0.0.1", port), sockets=len(names)) as gen:
+        stats = await gen.run(workload, duration=10, window=64)        # closed loop
+        stats = await gen.run(workload, duration=10, rate=1500)        # open loop
+    print(stats.rate, stats.percentile(99))
+
+or from the command line: `python bench/loadgen.py --port 5683 --duration 5 --register 100`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import itertools
+import math
+import random
+import struct
+import time
+from collections import Counter, deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import cbor2
+
+# RFC 7252 message types and the codes the generator needs.
+CON, NON, ACK, RST = 0, 1, 2, 3
+POST = 0x02
+CHANGED = 0x44  # 2.04
+CREATED = 0x41  # 2.01
+
+OPT_URI_PATH = 11
+OPT_CONTENT_FORMAT = 12
+OPT_URI_QUERY = 15
+
+CF_CBOR = 60
+CF_SENML_CBOR = 112
+
+# RFC 7252 §4.8 transmission parameters, shortened: the generator wants losses reported
+# within a run, not after four minutes.
+ACK_TIMEOUT = 2.0
+MAX_RETRANSMIT = 2
+SWEEP_INTERVAL = 0.05
+
+
+def code_text(code: int) -> str:
+    return f"{code >> 5}.{code & 0x1F:02d}"
+
+
+def _option_part(value: int) -> tuple[int, bytes]:
+    if value < 13:
+        return value, b""
+    if value < 269:
+        return 13, bytes([value - 13])
+    return 14, struct.pack("!H", value - 269)
+
+
+def encode_options(options: Iterable[tuple[int, bytes]]) -> bytes:
+    """Options in RFC 7252 §3.1 delta encoding (sorted by number, stable for repeats)."""
+    out = bytearray()
+    previous = 0
+    for number, value in sorted(options, key=lambda item: item[0]):
+        delta, delta_ext = _option_part(number - previous)
+        length, length_ext = _option_part(len(value))
+        out.append((delta << 4) | length)
+        out += delta_ext + length_ext + value
+        previous = number
+    return bytes(out)
+
+
+def content_format(cf: int) -> bytes:
+    return cf.to_bytes((cf.bit_length() + 7) // 8, "big")
+
+
+def request_body(
+    path: Sequence[str],
+    payload: bytes = b"",
+    *,
+    cf: int | None = None,
+    query: Sequence[str] = (),
+) -> bytes:
+    """Options plus payload of a request: everything after header and token."""
+    options = [(OPT_URI_PATH, part.encode()) for part in path]
+    options += [(OPT_URI_QUERY, item.encode()) for item in query]
+    if cf is not None:
+        options.append((OPT_CONTENT_FORMAT, content_format(cf)))
+    body = encode_options(options)
+    return body + b"\xff" + payload if payload else body
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """What a workload asks the generator to send next from one socket."""
+
+    body: bytes  # options (+ 0xFF + payload)
+    key: Any  # recorded when the request is answered 2.04 (or 2.01), for verification
+    readings: int = 1
+
+
+class Workload(Protocol):
+    def next(self, slot: int) -> Request | None:
+        """The next request to send from socket `slot`, or None when there is no more."""
+
+
+class CborReadings:
+    """`POST /r/NAME` with a CBOR map of a fridge's temperature; `seq` counts per device.
+
+    One measurement per request, so a request is one stored reading and one relayed message.
+    """
+
+    def __init__(self, names: Sequence[str], *, start_seq: int = 1) -> None:
+        self._names = list(names)
+        self._prefix = [request_body(("r", name), cf=CF_CBOR) + b"\xff" for name in self._names]
+        self._seq = [start_seq] * len(self._names)
+        self._rng = random.Random(7)
+
+    def next(self, slot: int) -> Request:
+        index = slot % len(self._names)
+        seq = self._seq[index]
+        self._seq[index] = seq + 1
+        temp = round(3.0 + self._rng.random() * 2.0, 2)
+        payload = cbor2.dumps({"temp": temp, "seq": seq})
+        return Request(self._prefix[index] + payload, (self._names[index], seq), 1)
+
+
+class SenmlPacks:
+    """`POST /r/NAME` with a SenML-CBOR pack of `records` temperature samples, 1 s apart.
+
+    Base time is absolute and unique per pack, so every record has an idempotency key and
+    its stored device time identifies it. Values are quarter degrees, which CBOR encodes as
+    half-precision floats: a pack of 50 fits the default 1024-byte payload limit.
+    """
+
+    def __init__(self, names: Sequence[str], records: int, *, base_time: int = 1_700_000_000):
+        self._names = list(names)
+        self.records = records
+        self._prefix = [
+            request_body(("r", name), cf=CF_SENML_CBOR) + b"\xff" for name in self._names
+        ]
+        self._pack = [0] * len(self._names)
+        self._base_time = base_time
+        self._rng = random.Random(11)
+
+    def next(self, slot: int) -> Request:
+        index = slot % len(self._names)
+        pack = self._pack[index]
+        self._pack[index] = pack + 1
+        bt = self._base_time + pack * self.records
+        rng = self._rng
+        records: list[dict[int, Any]] = [
+            {-3: bt, -4: "Cel", 0: "temp", 2: 3.0 + rng.randrange(12) / 4}
+        ]
+        records += [
+            {0: "temp", 2: 3.0 + rng.randrange(12) / 4, 6: t} for t in range(1, self.records)
+        ]
+        payload = cbor2.dumps(records, canonical=True)
+        return Request(self._prefix[index] + payload, (self._names[index], bt), self.records)
+
+
+class Limited:
+    """The first `count` requests of another workload."""
+
+    def __init__(self, workload: Workload, count: int) -> None:
+        self._workload = workload
+        self._left = count
+
+    def next(self, slot: int) -> Request | None:
+        if self._left <= 0:
+            return None
+        self._left -= 1
+        return self._workload.next(slot)
+
+
+class Registrations:
+    """`POST /rd?ep=NAME&et=TYPE&lt=...`: each name once, spread over the sockets."""
+
+    def __init__(
+        self, names: Iterable[str], *, device_type: str = "fridge", lifetime: int = 86_400
+    ):
+        self._names = iter(names)
+        self._type = device_type
+        self._lifetime = lifetime
+
+    def next(self, slot: int) -> Request | None:
+        name = next(self._names, None)
+        if name is None:
+            return None
+        query = (f"ep={name}", f"et={self._type}", f"lt={self._lifetime}")
+        return Request(request_body(("rd",), query=query), name, 1)
+
+
+@dataclass
+class Stats:
+    """One run's figures. `duration` is the measured interval (after warm-up)."""
+
+    duration: float = 0.0
+    sent: int = 0  # requests first sent during the measured interval
+    completed: int = 0  # answered (any code) during the measured interval
+    readings: int = 0  # readings in requests answered 2.04/2.01 during the interval
+    retransmissions: int = 0
+    piggybacked: int = 0
+    separate: int = 0
+    lost: int = 0  # no answer after every retransmission (whole run)
+    skipped: int = 0  # open loop: sends the window had no room for
+    codes: Counter[str] = field(default_factory=Counter)
+    latencies: list[float] = field(default_factory=list)  # seconds, measured interval
+
+    @property
+    def rate(self) -> float:
+        """Requests answered with success per second."""
+        ok = self.codes["2.04"] + self.codes["2.01"]
+        return ok / self.duration if self.duration else 0.0
+
+    @property
+    def readings_rate(self) -> float:
+        return self.readings / self.duration if self.duration else 0.0
+
+    @property
+    def piggyback_share(self) -> float:
+        answered = self.piggybacked + self.separate
+        return self.piggybacked / answered if answered else 0.0
+
+    def percentile(self, p: float) -> float:
+        """Latency percentile in milliseconds (nearest rank)."""
+        if not self.latencies:
+            return math.nan
+        ordered = sorted(self.latencies)
+        rank = max(0, min(len(ordered) - 1, math.ceil(p / 100 * len(ordered)) - 1))
+        return ordered[rank] * 1000
+
+    def summary(self) -> str:
+        return (
+            f"{self.rate:9.0f} req/s {self.readings_rate:9.0f} readings/s"
+            f"  p50 {self.percentile(50):6.2f} ms  p99 {self.percentile(99):6.2f} ms"
+            f"  p99.9 {self.percentile(99.9):6.2f} ms  piggybacked {self.piggyback_share:6.1%}"
+            f"  lost {self.lost}  codes {dict(self.codes)}"
+        )
+
+
+class _Pending:
+    __slots__ = ("deadline", "first_sent", "mid", "request", "slot", "token", "tries", "waiting")
+
+    def __init__(
+        self, slot: int, mid: int, token: bytes, request: Request, now: float, timeout: float
+    ):
+        self.slot = slot
+        self.mid = mid
+        self.token = token
+        self.request = request
+        self.first_sent = now
+        self.tries = 0
+        self.deadline = now + timeout
+        self.waiting = False  # empty ACK seen: no more retransmissions, wait for the response
+
+
+class _Socket(asyncio.DatagramProtocol):
+    __slots__ = ("by_mid", "by_token", "gen", "mid", "slot", "token", "transport")
+
+    def __init__(self, gen: LoadGenerator, slot: int) -> None:
+        self.gen = gen
+        self.slot = slot
+        self.mid = random.randrange(0x10000)
+        self.token = random.randrange(1 << 32)
+        self.transport: Any = None
+        self.by_mid: dict[int, _Pending] = {}
+        self.by_token: dict[bytes, _Pending] = {}
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        self.gen._received(self, data)
+
+    def error_received(self, exc: Exception) -> None:
+        self.gen.errors += 1
+
+
+class LoadGenerator:
+    """`sockets` UDP sockets towards `target`; `run` drives one workload through them."""
+
+    def __init__(
+        self, target: tuple[str, int], *, sockets: int = 64, ack_timeout: float = ACK_TIMEOUT
+    ) -> None:
+        self._target = target
+        self._ack_timeout = ack_timeout
+        self._count = sockets
+        self._sockets: list[_Socket] = []
+        self._idle: deque[int] = deque()
+        self._inflight = 0
+        self._workload: Workload | None = None
+        self._exhausted = False
+        self._refill = False
+        self._measuring = False
+        self._stats = Stats()
+        self._done: asyncio.Event | None = None
+        self.errors = 0
+        #: Keys of every request answered 2.04/2.01 during this generator's life (all runs).
+        self.acknowledged: list[Any] = []
+        #: When set, key -> perf_counter() of the request's first transmission.
+        self.sent_at: dict[Any, float] | None = None
+
+    async def __aenter__(self) -> LoadGenerator:
+        loop = asyncio.get_running_loop()
+        for slot in range(self._count):
+            sock = _Socket(self, slot)
+            await loop.create_datagram_endpoint(
+                lambda sock=sock: sock, local_addr=("127.0.0.1", 0), remote_addr=self._target
+            )
+            self._sockets.append(sock)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for sock in self._sockets:
+            sock.transport.close()
+
+    # --- sending -------------------------------------------------------------------------
+
+    def _send_next(self) -> bool:
+        """Send one new request from an idle socket; False if none idle or no work left."""
+        if not self._idle or self._exhausted or self._workload is None:
+            return False
+        slot = self._idle.popleft()
+        request = self._workload.next(slot)
+        if request is None:
+            self._exhausted = True
+            self._idle.appendleft(slot)
+            return False
+        sock = self._sockets[slot]
+        mid = sock.mid = (sock.mid + 1) & 0xFFFF
+        sock.token = (sock.token + 1) & 0xFFFFFFFF
+        token = struct.pack("!I", sock.token)
+        now = time.perf_counter()
+        pending = _Pending(slot, mid, token, request, now, self._ack_timeout)
+        sock.by_mid[mid] = pending
+        sock.by_token[token] = pending
+        self._inflight += 1
+        if self.sent_at is not None:
+            self.sent_at[request.key] = now
+        if self._measuring:
+            self._stats.sent += 1
+        sock.transport.sendto(_datagram(CON, POST, mid, token, request.body))
+        return True
+
+    def _fill(self, window: int) -> None:
+        while self._inflight < window and self._send_next():
+            pass
+
+    # --- receiving -----------------------------------------------------------------------
+
+    def _received(self, sock: _Socket, data: bytes) -> None:
+        if len(data) < 4:
+            return
+        first, code, mid = data[0], data[1], (data[2] << 8) | data[3]
+        mtype = (first >> 4) & 0x03
+        tkl = first & 0x0F
+        if mtype in (ACK, RST):
+            pending = sock.by_mid.get(mid)
+            if pending is None or pending.waiting:
+                return  # a duplicate ACK, or one for a request already answered
+            if mtype == RST:
+                self._complete(sock, pending, "RST", piggybacked=False)
+            elif code == 0:
+                pending.waiting = True
+                pending.deadline = time.perf_counter() + self._ack_timeout * (MAX_RETRANSMIT + 2)
+            else:
+                self._complete(sock, pending, code_text(code), piggybacked=True)
+            return
+        # A separate response (CON or NON) carries our token.
+        if mtype == CON:
+            sock.transport.sendto(struct.pack("!BBH", 0x60, 0, mid))
+        token = data[4 : 4 + tkl]
+        pending = sock.by_token.get(token)
+        if pending is not None and code != 0:
+            self._complete(sock, pending, code_text(code), piggybacked=False)
+
+    def _complete(self, sock: _Socket, pending: _Pending, code: str, *, piggybacked: bool) -> None:
+        del sock.by_mid[pending.mid]
+        del sock.by_token[pending.token]
+        self._inflight -= 1
+        success = code in ("2.04", "2.01")
+        if success:
+            self.acknowledged.append(pending.request.key)
+        if self._measuring:
+            stats = self._stats
+            stats.completed += 1
+            stats.codes[code] += 1
+            stats.latencies.append(time.perf_counter() - pending.first_sent)
+            if piggybacked:
+                stats.piggybacked += 1
+            else:
+                stats.separate += 1
+            if success:
+                stats.readings += pending.request.readings
+        self._idle.append(pending.slot)
+        if self._refill:
+            self._fill(self._window)
+        self._check_done()
+
+    def _check_done(self) -> None:
+        if self._done is not None and self._inflight == 0 and (self._exhausted or not self._refill):
+            self._done.set()
+
+    async def _sweep(self) -> None:
+        """Retransmit what timed out (same message id: the server deduplicates) or give up."""
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL)
+            now = time.perf_counter()
+            for sock in self._sockets:
+                if not sock.by_mid:
+                    continue
+                for pending in [p for p in sock.by_mid.values() if p.deadline <= now]:
+                    if pending.waiting or pending.tries >= MAX_RETRANSMIT:
+                        del sock.by_mid[pending.mid]
+                        del sock.by_token[pending.token]
+                        self._inflight -= 1
+                        self._stats.lost += 1
+                        self._idle.append(pending.slot)
+                        continue
+                    pending.tries += 1
+                    pending.deadline = now + self._ack_timeout * (2**pending.tries)
+                    self._stats.retransmissions += 1
+                    sock.transport.sendto(
+                        _datagram(CON, POST, pending.mid, pending.token, pending.request.body)
+                    )
+            if self._refill:
+                self._fill(self._window)
+            self._check_done()
+
+    # --- running -------------------------------------------------------------------------
+
+    async def run(
+        self,
+        workload: Workload,
+        *,
+        duration: float | None = None,
+        window: int = 64,
+        rate: float | None = None,
+        warmup: float = 0.0,
+        drain: float = 10.0,
+    ) -> Stats:
+        """Drive `workload` for `duration` seconds (or until it is exhausted when None).
+
+        Closed loop (`rate` None): keep `window` requests in flight, a new one as soon as one
+        is answered. Open loop: send at `rate` per second, at most `window` in flight (sends
+        with no room are counted as skipped). Figures cover the interval after `warmup`;
+        afterwards the generator stops sending and waits up to `drain` s for answers.
+        """
+        self._workload = workload
+        self._exhausted = False
+        self._stats = Stats()
+        self._idle = deque(i for i, s in enumerate(self._sockets) if not s.by_mid)
+        self._window = window
+        self._done = asyncio.Event()
+        sweeper = asyncio.create_task(self._sweep(), name="loadgen.sweep")
+        self._measuring = warmup <= 0
+        started = time.perf_counter()
+        try:
+            if rate is None:
+                self._refill = True
+                self._fill(window)
+                if warmup > 0:
+                    await asyncio.sleep(warmup)
+                    self._measuring = True
+                    started = time.perf_counter()
+                if duration is None:
+                    await self._done.wait()
+                else:
+                    await asyncio.sleep(duration)
+            else:
+                started = await self._open_loop(rate, window, duration, warmup)
+            self._stats.duration = time.perf_counter() - started
+            self._measuring = False
+            self._refill = False
+            self._done.clear()  # an open loop may have run dry before: only now counts
+            self._check_done()
+            if self._inflight:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._done.wait(), drain)
+        finally:
+            sweeper.cancel()
+            self._refill = False
+            self._measuring = False
+        self._stats.lost += self._inflight
+        return self._stats
+
+    async def _open_loop(
+        self, rate: float, window: int, duration: float | None, warmup: float
+    ) -> float:
+        tick = 0.002
+        begin = time.perf_counter()
+        started = begin
+        sent = 0
+        total = math.inf if duration is None else warmup + duration
+        for _ in itertools.count():
+            now = time.perf_counter()
+            elapsed = now - begin
+            if elapsed >= total or self._exhausted:
+                break
+            if not self._measuring and elapsed >= warmup:
+                self._measuring = True
+                started = now
+            due = int(elapsed * rate)
+            while sent < due:
+                sent += 1
+                no_room = self._inflight >= window or not self._send_next()
+                if no_room and self._measuring:
+                    self._stats.skipped += 1
+            await asyncio.sleep(tick)
+        return started
+
+
+def _datagram(mtype: int, code: int, mid: int, token: bytes, body: bytes) -> bytes:
+    return struct.pack("!BBH", 0x40 | (mtype << 4) | len(token), code, mid) + token + body
+
+
+def device_names(count: int, prefix: str = "bench") -> list[str]:
+    return [f"{prefix}-{i:05d}" for i in range(count)]
+
+
+async def _main(args: argparse.Namespace) -> None:
+    names = device_names(args.devices)
+    target = (args.host, args.port)
+    async with LoadGenerator(target, sockets=args.devices) as gen:
+        if args.register:
+            stats = await gen.run(Registrations(names), window=args.window)
+            print("register", stats.summary())
+        workload: Workload = SenmlPacks(names, args.senml) if args.senml else CborReadings(names)
+        stats = await gen.run(
+            workload, duration=args.duration, window=args.window, rate=args.rate, warmup=1.0
+        )
+        print("readings", stats.summary(), f"acknowledged {len(gen.acknowledged)}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=5683)
+    parser.add_argument("--devices", type=int, default=100)
+    parser.add_argument("--window", type=int, default=64)
+    parser.add_argument("--rate", type=float, default=None)
+    parser.add_argument("--duration", type=float, default=5.0)
+    parser.add_argument("--senml", type=int, default=0, help="records per SenML pack (0: CBOR)")
+    parser.add_argument("--register", action="store_true", help="register the devices first")
+    asyncio.run(_main(parser.parse_args()))
