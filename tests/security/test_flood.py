@@ -17,7 +17,7 @@ from aiocoap.numbers.types import Type
 
 from gateway.app import Gateway
 from gateway.config import GatewayConfig
-from tests.support.gateway import GatewayProcess, post, register
+from tests.support.gateway import GatewayProcess, post, register, wait_until
 from tests.support.gateway import gateway_config as make_config
 
 SOURCE_RATE = 20.0
@@ -58,10 +58,13 @@ async def test_source_over_its_limit_gets_429_with_max_age(
 
 
 def flood(port: int, rate: float, stop: threading.Event, answers: dict[str, int]) -> None:
-    """Raw CON POSTs to /r/flooder at `rate` per second; tallies the answer codes."""
+    """Raw CON POSTs to /r/flooder at `rate` per second; tallies the answer codes.
+
+    Between sends it blocks in recv (no busy loop), so the flooder itself does not starve
+    the fleet's client of the CPU: what the fleet measures is the gateway under flood.
+    """
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.connect(("127.0.0.1", port))
-    sock.settimeout(0.001)
     payload = cbor2.dumps({"temp": 1.0})
     interval = 1.0 / rate
     mid = 0
@@ -82,6 +85,8 @@ def flood(port: int, rate: float, stop: threading.Event, answers: dict[str, int]
             sock.send(message.encode())
             answers["sent"] += 1
             next_send += interval
+            continue
+        sock.settimeout(max(next_send - now, 0.0005))
         try:
             data = sock.recv(2048)
         except (TimeoutError, BlockingIOError):
@@ -144,7 +149,7 @@ async def test_flood_at_20x_does_not_hurt_the_fleet(gateway_process: GatewayProc
     )
     flooder.start()
     try:
-        await asyncio.sleep(0.3)  # the flood is under way before the fleet starts
+        await wait_until(lambda: answers["sent"] >= 100)  # the flood is under way first
         loaded = await run_fleet(url, names, PHASE)
     finally:
         stop.set()
@@ -153,8 +158,8 @@ async def test_flood_at_20x_does_not_hurt_the_fleet(gateway_process: GatewayProc
     limited = answers.get(str(Code.TOO_MANY_REQUESTS), 0)
     assert limited > answers["sent"] * 0.8, answers
     # Every fleet request was answered 2.04 (run_fleet asserts it); latency stays close.
-    # A floor of 5 ms on the unloaded figure keeps scheduler noise on a shared CI machine
+    # A floor of 10 ms on the unloaded figure keeps scheduler noise on a shared machine
     # from deciding the test when both figures are a few milliseconds.
     unloaded_p99, loaded_p99 = p99(unloaded), p99(loaded)
     print(f"p99 unloaded {unloaded_p99 * 1e3:.2f} ms, loaded {loaded_p99 * 1e3:.2f} ms, {answers}")
-    assert loaded_p99 <= 2 * max(unloaded_p99, 0.005), (unloaded_p99, loaded_p99, answers)
+    assert loaded_p99 <= 2 * max(unloaded_p99, 0.010), (unloaded_p99, loaded_p99, answers)
