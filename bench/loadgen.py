@@ -100,6 +100,10 @@ def request_body(
     return body + b"\xff" + payload if payload else body
 
 
+#: Source ports used by the generators of this process (see `LoadGenerator._fresh_socket`).
+_USED_PORTS: set[int] = set()
+
+
 @dataclass(frozen=True, slots=True)
 class Request:
     """What a workload asks the generator to send next from one socket."""
@@ -312,14 +316,35 @@ class LoadGenerator:
         self.sent_at: dict[Any, float] | None = None
 
     async def __aenter__(self) -> LoadGenerator:
-        loop = asyncio.get_running_loop()
         for slot in range(self._count):
-            sock = _Socket(self, slot)
-            await loop.create_datagram_endpoint(
-                lambda sock=sock: sock, local_addr=("127.0.0.1", 0), remote_addr=self._target
-            )
-            self._sockets.append(sock)
+            self._sockets.append(await self._fresh_socket(slot))
         return self
+
+    async def _fresh_socket(self, slot: int) -> _Socket:
+        """A socket on a source port no earlier generator of this process used.
+
+        A server answers a request whose (source, message id) it saw within
+        EXCHANGE_LIFETIME (247 s) from its deduplication cache, without processing it
+        (RFC 7252 §4.5). A real device never reuses a message id that soon; a load
+        generator that got a recycled ephemeral port could, and would count a cached
+        2.04 as an acknowledged reading that was never stored.
+        """
+        loop = asyncio.get_running_loop()
+        held: list[asyncio.DatagramTransport] = []
+        try:
+            while True:
+                sock = _Socket(self, slot)
+                transport, _ = await loop.create_datagram_endpoint(
+                    lambda sock=sock: sock, local_addr=("127.0.0.1", 0), remote_addr=self._target
+                )
+                port = transport.get_extra_info("sockname")[1]
+                if port not in _USED_PORTS:
+                    _USED_PORTS.add(port)
+                    return sock
+                held.append(transport)  # keep it bound so the kernel offers another port
+        finally:
+            for transport in held:
+                transport.close()
 
     async def __aexit__(self, *exc: object) -> None:
         for sock in self._sockets:
