@@ -14,16 +14,16 @@ from rich.table import Table
 from gateway.cli import main
 from gateway.cli.common import (
     NotFound,
-    _console,
-    _db_path,
-    _load,
-    _print_json,
-    _run,
-    _when,
-    _with_reader,
     config_option,
     db_option,
+    format_time,
     json_option,
+    load_config_or_fail,
+    make_console,
+    print_json,
+    resolve_db_path,
+    run_async,
+    with_reader,
 )
 from gateway.core.rules import RuleConfig, StockRule
 from gateway.errors import StoreError
@@ -55,9 +55,9 @@ def _rule_summary(rule: RuleConfig) -> str:
 @json_option
 def rules_list(config_path: str | None, as_json: bool) -> None:
     """Every rule of the configuration, in order."""
-    config = _load(config_path)
+    config = load_config_or_fail(config_path)
     if as_json:
-        _print_json([_rule_dict(rule) for rule in config.rules])
+        print_json([_rule_dict(rule) for rule in config.rules])
         return
     table = Table(title=f"{len(config.rules)} rules")
     for column in ("name", "kind", "device types", "devices", "severity", "settings"):
@@ -71,7 +71,7 @@ def rules_list(config_path: str | None, as_json: bool) -> None:
             "-" if isinstance(rule, StockRule) else rule.severity,
             _rule_summary(rule),
         )
-    _console().print(table)
+    make_console().print(table)
 
 
 # --- alerts --------------------------------------------------------------------------------
@@ -102,9 +102,9 @@ def alerts_list(
     async def work(conn: aiosqlite.Connection) -> list[store.AlertRow]:
         return await store.list_alerts(conn, open_only=open_only, device=device, limit=limit)
 
-    rows = _run(_with_reader(_db_path(config_path, db_path), work))
+    rows = run_async(with_reader(resolve_db_path(config_path, db_path), work))
     if as_json:
-        _print_json([row.as_dict() for row in rows])
+        print_json([row.as_dict() for row in rows])
         return
     table = Table(title=f"{len(rows)} alerts")
     for column in ("id", "state", "severity", "rule", "device", "raised (UTC)", "cleared (UTC)"):
@@ -118,12 +118,12 @@ def alerts_list(
             row.severity,
             row.rule,
             row.device,
-            _when(row.raised_at),
-            _when(row.cleared_at),
+            format_time(row.raised_at),
+            format_time(row.cleared_at),
             "yes" if row.acknowledged_at is not None else "",
             row.message,
         )
-    _console().print(table)
+    make_console().print(table)
 
 
 @alerts.command("ack")
@@ -132,7 +132,7 @@ def alerts_list(
 @config_option
 def alerts_ack(alert_id: int, db_path: str | None, config_path: str | None) -> None:
     """Acknowledge an alert (recorded with it; the alert stays open until it clears)."""
-    path = _db_path(config_path, db_path)
+    path = resolve_db_path(config_path, db_path)
 
     async def work() -> bool:
         if not Path(path).exists():  # opening for writing would create an empty one
@@ -146,7 +146,7 @@ def alerts_ack(alert_id: int, db_path: str | None, config_path: str | None) -> N
         finally:
             await conn.close()
 
-    if not _run(work()):
+    if not run_async(work()):
         raise NotFound(f"no alert with id {alert_id}")
     click.echo(f"alert {alert_id} acknowledged")
 
@@ -172,9 +172,9 @@ def shopping_list_show(
     async def work(conn: aiosqlite.Connection) -> list[Any]:
         return await store.list_items(conn, name)
 
-    items = _run(_with_reader(_db_path(config_path, db_path), work))
+    items = run_async(with_reader(resolve_db_path(config_path, db_path), work))
     if as_json:
-        _print_json({"list": name, "items": [store.item_dict(item) for item in items]})
+        print_json({"list": name, "items": [store.item_dict(item) for item in items]})
         return
     table = Table(title=f"shopping list {name}: {len(items)} items")
     for column in ("item", "level", "minimum", "reported by", "added (UTC)"):
@@ -185,6 +185,6 @@ def shopping_list_show(
             str(item.level),
             str(item.minimum),
             ", ".join(f"{device} ({level})" for device, level in sorted(item.levels.items())),
-            _when(item.added_at),
+            format_time(item.added_at),
         )
-    _console().print(table)
+    make_console().print(table)

@@ -19,16 +19,16 @@ from gateway.cli import main
 from gateway.cli.common import (
     Failure,
     NotFound,
-    _console,
-    _db_path,
-    _load,
-    _print_json,
-    _run,
-    _when,
-    _with_reader,
     config_option,
     db_option,
+    format_time,
     json_option,
+    load_config_or_fail,
+    make_console,
+    print_json,
+    resolve_db_path,
+    run_async,
+    with_reader,
 )
 from gateway.commands import store
 from gateway.commands.dispatcher import queue_full_message
@@ -121,7 +121,7 @@ def command_send(
         request = check_command(method, path, payload, cf, ttl)
     except DeviceError as exc:
         raise click.UsageError(exc.diagnostic) from exc
-    config = _load(config_path)
+    config = load_config_or_fail(config_path)
     database = db_path or config.store.path
     limit = config.commands.max_queued_per_device
     try:
@@ -133,7 +133,7 @@ def command_send(
     except GatewayError as exc:
         raise Failure(str(exc)) from exc
     if as_json:
-        _print_json({"id": command_id, "device": name, "state": "queued"})
+        print_json({"id": command_id, "device": name, "state": "queued"})
     else:
         click.echo(f"command {command_id} queued for {name}")
 
@@ -152,9 +152,9 @@ def command_list(
     async def work(conn: aiosqlite.Connection) -> list[store.CommandRow]:
         return await store.list_commands(conn, device=device, limit=limit)
 
-    rows = _run(_with_reader(_db_path(config_path, db_path), work))
+    rows = run_async(with_reader(resolve_db_path(config_path, db_path), work))
     if as_json:
-        _print_json([row.as_dict() for row in rows])
+        print_json([row.as_dict() for row in rows])
         return
     table = Table(title=f"{len(rows)} commands")
     for column in ("id", "device", "method", "path", "state", "tries", "created (UTC)", "response"):
@@ -168,7 +168,7 @@ def command_list(
             row.path,
             row.state,
             str(row.attempts),
-            _when(row.created_at),
+            format_time(row.created_at),
             "-" if response is None else f"{response['code']} {response['payload'] or ''}",
         )
-    _console().print(table)
+    make_console().print(table)

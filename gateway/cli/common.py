@@ -52,25 +52,25 @@ class NotFound(click.ClickException):
     exit_code = EXIT_NOT_FOUND
 
 
-def _load(config_path: str | None) -> GatewayConfig:
+def load_config_or_fail(config_path: str | None) -> GatewayConfig:
     try:
         return load_config(config_path)
     except ConfigError as exc:
         raise Failure(str(exc)) from exc
 
 
-def _db_path(config_path: str | None, db_path: str | None) -> str:
-    return db_path or _load(config_path).store.path
+def resolve_db_path(config_path: str | None, db_path: str | None) -> str:
+    return db_path or load_config_or_fail(config_path).store.path
 
 
-def _run(coroutine: Awaitable[T]) -> T:
+def run_async(coroutine: Awaitable[T]) -> T:
     try:
         return asyncio.run(coroutine)  # type: ignore[arg-type]
     except GatewayError as exc:
         raise Failure(str(exc)) from exc
 
 
-async def _with_reader(path: str, work: Callable[[aiosqlite.Connection], Awaitable[T]]) -> T:
+async def with_reader(path: str, work: Callable[[aiosqlite.Connection], Awaitable[T]]) -> T:
     conn = await open_database(path, readonly=True)
     try:
         return await work(conn)
@@ -78,17 +78,17 @@ async def _with_reader(path: str, work: Callable[[aiosqlite.Connection], Awaitab
         await conn.close()
 
 
-def _console() -> Console:
+def make_console() -> Console:
     return Console(highlight=False)
 
 
-def _when(epoch: float | None) -> str:
+def format_time(epoch: float | None) -> str:
     if epoch is None:
         return "-"
     return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
-def _print_json(document: Any) -> None:
+def print_json(document: Any) -> None:
     click.echo(json.dumps(document, indent=2, default=str))
 
 

@@ -8,7 +8,7 @@ from dataclasses import asdict
 import click
 
 from gateway.cli import main
-from gateway.cli.common import EXIT_FAILED, Failure, _print_json, json_option
+from gateway.cli.common import EXIT_FAILED, Failure, json_option, print_json
 from gateway.config import load_config
 from gateway.errors import ConfigError
 
@@ -29,11 +29,11 @@ def config_check(file: str, as_json: bool) -> None:
         loaded = load_config(file)
     except ConfigError as exc:
         if as_json:
-            _print_json({"valid": False, "error": str(exc), "key": exc.key})
+            print_json({"valid": False, "error": str(exc), "key": exc.key})
             sys.exit(EXIT_FAILED)
         raise Failure(str(exc)) from exc
     if as_json:
-        _print_json({"valid": True, "config": asdict(loaded)})
+        print_json({"valid": True, "config": asdict(loaded)})
         return
     click.echo(f"{file}: valid")
     for section, values in asdict(loaded).items():

@@ -12,15 +12,15 @@ from rich.table import Table
 from gateway.cli import main
 from gateway.cli.common import (
     NotFound,
-    _console,
-    _db_path,
-    _print_json,
-    _run,
-    _when,
-    _with_reader,
     config_option,
     db_option,
+    format_time,
     json_option,
+    make_console,
+    print_json,
+    resolve_db_path,
+    run_async,
+    with_reader,
 )
 from gateway.store import queries
 
@@ -38,9 +38,9 @@ def devices() -> None:
 @json_option
 def devices_list(db_path: str | None, config_path: str | None, as_json: bool) -> None:
     """Every known device, with its registration."""
-    rows = _run(_with_reader(_db_path(config_path, db_path), queries.list_devices))
+    rows = run_async(with_reader(resolve_db_path(config_path, db_path), queries.list_devices))
     if as_json:
-        _print_json([row.as_dict() for row in rows])
+        print_json([row.as_dict() for row in rows])
         return
     table = Table(title=f"{len(rows)} devices")
     for column in ("name", "type", "online", "last seen (UTC)", "address", "registration"):
@@ -50,11 +50,11 @@ def devices_list(db_path: str | None, config_path: str | None, as_json: bool) ->
             row.name,
             row.type,
             "yes" if row.online else "no",
-            _when(row.last_seen),
+            format_time(row.last_seen),
             row.address or "-",
             row.registration_id or "-",
         )
-    _console().print(table)
+    make_console().print(table)
 
 
 @devices.command("show")
@@ -74,25 +74,25 @@ def devices_show(name: str, db_path: str | None, config_path: str | None, as_jso
         assert row is not None
         return device, await queries.latest_values(conn, row[0])
 
-    device, latest = _run(_with_reader(_db_path(config_path, db_path), work))
+    device, latest = run_async(with_reader(resolve_db_path(config_path, db_path), work))
     if device is None:
         raise NotFound(f"no device named {name!r}")
     if as_json:
-        _print_json({**device.as_dict(), "latest": [asdict(value) for value in latest]})
+        print_json({**device.as_dict(), "latest": [asdict(value) for value in latest]})
         return
-    console = _console()
+    console = make_console()
     table = Table(show_header=False, title=f"device {name}")
     table.add_column("key", style="bold")
     table.add_column("value")
     for key, value in (
         ("type", device.type),
         ("online", "yes" if device.online else "no"),
-        ("created (UTC)", _when(device.created_at)),
-        ("last seen (UTC)", _when(device.last_seen)),
+        ("created (UTC)", format_time(device.created_at)),
+        ("last seen (UTC)", format_time(device.last_seen)),
         ("address", device.address or "-"),
         ("registration", device.registration_id or "-"),
         ("lifetime", f"{device.lifetime} s" if device.lifetime else "-"),
-        ("expires (UTC)", _when(device.expires_at)),
+        ("expires (UTC)", format_time(device.expires_at)),
         ("queue mode", "yes" if device.queue_mode else "no"),
         ("resources", device.links or "-"),
         ("readings", str(device.readings)),
@@ -104,5 +104,5 @@ def devices_show(name: str, db_path: str | None, config_path: str | None, as_jso
         for column in ("measurement", "value", "unit", "time (UTC)"):
             values.add_column(column)
         for item in latest:
-            values.add_row(item.name, str(item.value), item.unit or "", _when(item.time))
+            values.add_row(item.name, str(item.value), item.unit or "", format_time(item.time))
         console.print(values)

@@ -17,16 +17,16 @@ from rich.table import Table
 from gateway.cli import main
 from gateway.cli.common import (
     NotFound,
-    _console,
-    _db_path,
-    _print_json,
-    _run,
-    _when,
-    _with_reader,
     config_option,
     db_option,
+    format_time,
     json_option,
+    make_console,
     parse_since,
+    print_json,
+    resolve_db_path,
+    run_async,
+    with_reader,
 )
 from gateway.store import queries
 
@@ -65,9 +65,9 @@ def readings_list(
             conn, device=device, since=since_at, measurement=measurement, limit=limit
         )
 
-    rows = _run(_with_reader(_db_path(config_path, db_path), work))
+    rows = run_async(with_reader(resolve_db_path(config_path, db_path), work))
     if as_json:
-        _print_json([row.as_dict() for row in rows])
+        print_json([row.as_dict() for row in rows])
         return
     table = Table(title=f"{len(rows)} readings")
     for column in ("id", "device", "measurement", "value", "unit", "device time", "received (UTC)"):
@@ -79,10 +79,10 @@ def readings_list(
             row.measurement,
             str(row.value),
             row.unit or "",
-            _when(row.device_time),
-            _when(row.received_at),
+            format_time(row.device_time),
+            format_time(row.received_at),
         )
-    _console().print(table)
+    make_console().print(table)
 
 
 EXPORT_FIELDS = (
@@ -146,7 +146,7 @@ def readings_export(
         return written
 
     try:
-        written = _run(_with_reader(_db_path(config_path, db_path), work))
+        written = run_async(with_reader(resolve_db_path(config_path, db_path), work))
     finally:
         if output:
             out.close()

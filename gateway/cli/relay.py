@@ -21,16 +21,16 @@ from rich.table import Table
 from gateway.cli import main
 from gateway.cli.common import (
     NotFound,
-    _console,
-    _db_path,
-    _load,
-    _print_json,
-    _run,
-    _when,
-    _with_reader,
     config_option,
     db_option,
+    format_time,
     json_option,
+    load_config_or_fail,
+    make_console,
+    print_json,
+    resolve_db_path,
+    run_async,
+    with_reader,
 )
 from gateway.relay import store
 from gateway.store.db import open_database
@@ -61,7 +61,7 @@ def _yes_no(value: bool | None) -> str:
 @json_option
 def relay_status(db_path: str | None, config_path: str | None, as_json: bool) -> None:
     """Per sink: connected, outbox depth, oldest entry, sent/s, retries, dead letters."""
-    config = _load(config_path)
+    config = load_config_or_fail(config_path)
     path = db_path or config.store.path
     stale_after = 3 * config.relay.status_interval
     now = time.time()
@@ -69,9 +69,9 @@ def relay_status(db_path: str | None, config_path: str | None, as_json: bool) ->
     async def work(conn: aiosqlite.Connection) -> list[store.SinkStatus]:
         return await store.read_status(conn, now=now, stale_after=stale_after)
 
-    rows = _run(_with_reader(path, work))
+    rows = run_async(with_reader(path, work))
     if as_json:
-        _print_json([row.as_dict() for row in rows])
+        print_json([row.as_dict() for row in rows])
         return
     running = any(row.connected is not None for row in rows)
     title = f"relay: {len(rows)} sinks" + ("" if running or not rows else " (gateway not running)")
@@ -92,7 +92,7 @@ def relay_status(db_path: str | None, config_path: str | None, as_json: bool) ->
     for row in rows:
         error = "-"
         if row.last_error:
-            error = f"{row.last_error} ({_when(row.last_error_at)})"
+            error = f"{row.last_error} ({format_time(row.last_error_at)})"
         table.add_row(
             row.sink,
             _yes_no(row.connected),
@@ -105,7 +105,7 @@ def relay_status(db_path: str | None, config_path: str | None, as_json: bool) ->
             "-" if row.dropped is None else str(row.dropped),
             error,
         )
-    _console().print(table)
+    make_console().print(table)
 
 
 @relay.group("dead-letters")
@@ -131,9 +131,9 @@ def dead_letters_list(
     async def work(conn: aiosqlite.Connection) -> list[store.DeadLetter]:
         return await store.list_dead_letters(conn, sink=sink, limit=limit)
 
-    rows = _run(_with_reader(_db_path(config_path, db_path), work))
+    rows = run_async(with_reader(resolve_db_path(config_path, db_path), work))
     if as_json:
-        _print_json([row.as_dict() for row in rows])
+        print_json([row.as_dict() for row in rows])
         return
     table = Table(title=f"{len(rows)} dead letters")
     for column in ("id", "sink", "message", "device", "attempts", "dead since (UTC)", "reason"):
@@ -146,11 +146,11 @@ def dead_letters_list(
             row.message_id,
             row.device or "-",
             str(row.attempt),
-            _when(row.dead_at),
+            format_time(row.dead_at),
             row.reason,
             row.last_error or "-",
         )
-    _console().print(table)
+    make_console().print(table)
 
 
 @dead_letters.command("replay")
@@ -173,7 +173,7 @@ def dead_letters_replay(
         raise click.UsageError("say which: --id N (repeatable), --sink NAME or --all")
     if ids and replay_all:
         raise click.UsageError("--id and --all exclude each other")
-    path = _db_path(config_path, db_path)
+    path = resolve_db_path(config_path, db_path)
 
     async def work() -> int:
         conn = await open_database(path)
@@ -189,9 +189,9 @@ def dead_letters_replay(
         finally:
             await conn.close()
 
-    count = _run(work())
+    count = run_async(work())
     if as_json:
-        _print_json({"replayed": count})
+        print_json({"replayed": count})
     else:
         click.echo(f"{count} dead letters back in the outbox")
     if ids and count == 0:

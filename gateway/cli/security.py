@@ -19,12 +19,12 @@ from gateway.cli import main
 from gateway.cli.common import (
     EXIT_NOT_FOUND,
     Failure,
-    _db_path,
-    _print_json,
-    _run,
     config_option,
     db_option,
     json_option,
+    print_json,
+    resolve_db_path,
+    run_async,
 )
 from gateway.cli.devices import devices
 from gateway.core.access import Identity
@@ -89,7 +89,7 @@ def _issue(
         return await credentials.provision(conn, identity, now=time.time(), kind=kind)
 
     try:
-        record = _run(_with_writer(db, work))
+        record = run_async(_with_writer(db, work))
     except Failure as exc:
         if "no active credentials" in exc.message:
             raise NoCredentials(exc.message) from exc
@@ -99,7 +99,7 @@ def _issue(
 
 def _report(identity: Identity, path: Path | None, action: str, as_json: bool) -> None:
     if as_json:
-        _print_json(
+        print_json(
             {
                 "role": identity.role,
                 "name": identity.name,
@@ -118,7 +118,7 @@ def _revoke(db: str, identity: Identity) -> None:
         await credentials.revoke(conn, identity, now=time.time())
 
     try:
-        _run(_with_writer(db, work))
+        run_async(_with_writer(db, work))
     except Failure as exc:
         raise NoCredentials(exc.message) from exc
 
@@ -153,7 +153,7 @@ def devices_add(
     as_json: bool,
 ) -> None:
     """Add a device, optionally with credentials (the device's side goes to --out)."""
-    db = _db_path(config_path, db_path)
+    db = resolve_db_path(config_path, db_path)
     identity = Identity("device", name)
     if kind == "none":
 
@@ -164,7 +164,7 @@ def devices_add(
                 (name, device_type, time.time()),
             )
 
-        _run(_with_writer(db, work))
+        run_async(_with_writer(db, work))
         _report(identity, None, "added", as_json)
         return
     path = _issue(
@@ -198,7 +198,9 @@ def operators_add(
 ) -> None:
     """OSCORE credentials for operator NAME (the operator's side goes to --out)."""
     identity = Identity("operator", name)
-    path = _issue(_db_path(config_path, db_path), identity, out_dir, uri_pattern, rotate=False)
+    path = _issue(
+        resolve_db_path(config_path, db_path), identity, out_dir, uri_pattern, rotate=False
+    )
     _report(identity, path, "added", as_json)
 
 
@@ -225,7 +227,9 @@ def add_rotate_and_revoke(group: click.Group, role: Literal["device", "operator"
         as_json: bool,
     ) -> None:
         identity = Identity(role, name)
-        path = _issue(_db_path(config_path, db_path), identity, out_dir, uri_pattern, rotate=True)
+        path = _issue(
+            resolve_db_path(config_path, db_path), identity, out_dir, uri_pattern, rotate=True
+        )
         _report(identity, path, "rotated", as_json)
 
     @group.command(
@@ -237,7 +241,7 @@ def add_rotate_and_revoke(group: click.Group, role: Literal["device", "operator"
     @json_option
     def revoke(name: str, db_path: str | None, config_path: str | None, as_json: bool) -> None:
         identity = Identity(role, name)
-        _revoke(_db_path(config_path, db_path), identity)
+        _revoke(resolve_db_path(config_path, db_path), identity)
         _report(identity, None, "revoked", as_json)
 
 

@@ -7,7 +7,7 @@ import asyncio
 import click
 
 from gateway.cli import main
-from gateway.cli.common import Failure, _load, config_option, db_option
+from gateway.cli.common import Failure, config_option, db_option, load_config_or_fail
 from gateway.errors import GatewayError
 from gateway.logsetup import configure_logging
 
@@ -34,7 +34,7 @@ def serve(
     """Run the gateway until SIGINT or SIGTERM (then finish in-flight commits, exit 0)."""
     from gateway.app import serve as serve_gateway
 
-    config = _load(config_path)
+    config = load_config_or_fail(config_path)
     server = {k: v for k, v in {"bind": bind, "port": port}.items() if v is not None}
     if server:
         config = config.replace("server", **server)

@@ -189,12 +189,9 @@ class Guard(interfaces.Resource):  # type: ignore[misc]
             if request.opt.observe == 0:
                 budget = None
         if budget is not None:
-            # Only reads can answer with a representation worth cutting into blocks; a POST's
-            # answer is a code and at most a short diagnostic, shaped below if need be. Asking
-            # for blocks on every POST would route each reading through aiocoap's block-wise
-            # cache, a large share of the ingest path's cost.
-            if request.code in (Code.GET, Code.FETCH):
-                request = self._ask_for_small_blocks(request, budget)
+            # Also for POSTs: a diagnostic longer than the budget then goes out block-wise
+            # rather than being dropped.
+            request = self._ask_for_small_blocks(request, budget)
             pipe = _ShapedPipe(pipe, request, lambda r: self._shape(r, budget, request))
         await self._inner.render_to_pipe(pipe)
 
