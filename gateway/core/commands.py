@@ -20,8 +20,8 @@ from typing import Any
 
 import cbor2
 
-from gateway.core.readings import CF_CBOR, CF_JSON, CF_TEXT
-from gateway.errors import BadRequestError, DecodeError, GatewayError, UnsupportedFormatError
+from gateway.core.readings import CF_CBOR, CF_JSON, CF_TEXT, load_cbor
+from gateway.errors import BadRequestError, GatewayError, UnsupportedFormatError
 
 
 class CommandState(StrEnum):
@@ -103,10 +103,8 @@ def parse_command_description(payload: bytes, content_format: int | None) -> Com
     """
     if content_format not in (None, CF_CBOR):
         raise UnsupportedFormatError("a command description must be CBOR (60)")
-    try:
-        document = cbor2.loads(payload)
-    except Exception as exc:  # cbor2 raises several unrelated types
-        raise DecodeError("command description is not CBOR") from exc
+    # The same strict decoding as readings: tags refused, a clean 4.00 for broken bytes.
+    document = load_cbor(payload)
     if not isinstance(document, dict):
         raise BadRequestError("command description must be a CBOR map")
     unknown = set(document) - {"path", "method", "payload", "ttl", "cf"}

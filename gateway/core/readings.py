@@ -105,13 +105,13 @@ def decode_readings(payload: bytes, content_format: int | None, *, now: float) -
     if content_format is None:
         content_format = CF_CBOR
     if content_format == CF_CBOR:
-        return list(_from_plain(_load_cbor(payload)))
+        return list(_from_plain(load_cbor(payload)))
     if content_format == CF_JSON:
-        return list(_from_plain(_load_json(payload)))
+        return list(_from_plain(load_json(payload)))
     if content_format == CF_SENML_CBOR:
-        return list(_from_senml(_load_cbor(payload), cbor_labels=True, now=now))
+        return list(_from_senml(load_cbor(payload), cbor_labels=True, now=now))
     if content_format == CF_SENML_JSON:
-        return list(_from_senml(_load_json(payload), cbor_labels=False, now=now))
+        return list(_from_senml(load_json(payload), cbor_labels=False, now=now))
     check_reading_format(content_format)
     raise AssertionError("unreachable")
 
@@ -128,7 +128,7 @@ def resource_payload_as_reading(
     if not name or content_format not in (None, CF_CBOR, CF_JSON) or not payload:
         return payload, content_format
     try:
-        value = _load_cbor(payload) if content_format != CF_JSON else _load_json(payload)
+        value = load_cbor(payload) if content_format != CF_JSON else load_json(payload)
     except DecodeError:
         return payload, content_format
     if isinstance(value, bool | int | float | str):
@@ -136,7 +136,7 @@ def resource_payload_as_reading(
     return payload, content_format
 
 
-def _load_cbor(payload: bytes) -> Any:
+def load_cbor(payload: bytes) -> Any:
     if not payload:
         raise DecodeError("empty payload")
     try:
@@ -153,7 +153,7 @@ def _refuse_tag(decoder: Any, tag: Any) -> Any:
     raise DecodeError(f"CBOR tag {tag.tag} is not accepted")
 
 
-def _load_json(payload: bytes) -> Any:
+def load_json(payload: bytes) -> Any:
     if not payload:
         raise DecodeError("empty payload")
     try:
