@@ -30,26 +30,14 @@ from tests.support.gateway import gateway_config as make_gateway_config
 
 @pytest.fixture
 def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
-    workdir = tmp_path / "mosquitto"
-    workdir.mkdir()
-    broker = Mosquitto(workdir)
-    broker.start()
-    try:
+    with Mosquitto.running_in(tmp_path, "mosquitto") as broker:
         yield broker
-    finally:
-        broker.stop()
 
 
 @pytest.fixture
 def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
-    workdir = tmp_path / "nats"
-    workdir.mkdir()
-    broker = NatsServer(workdir)
-    broker.start()
-    try:
+    with NatsServer.running_in(tmp_path, "nats") as broker:
         yield broker
-    finally:
-        broker.stop()
 
 
 @pytest.fixture

@@ -24,14 +24,8 @@ OUTAGE = 10.0  # seconds the brokers stay away: the scenario asked for
 
 @pytest.fixture
 def durable_mosquitto(tmp_path: Path) -> Iterator[PersistentMosquitto]:
-    workdir = tmp_path / "durable-mosquitto"
-    workdir.mkdir()
-    broker = PersistentMosquitto(workdir)
-    broker.start()
-    try:
+    with PersistentMosquitto.running_in(tmp_path, "durable-mosquitto") as broker:
         yield broker
-    finally:
-        broker.stop()
 
 
 def last_copies_in_order(seqs: list[int]) -> bool:

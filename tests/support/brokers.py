@@ -11,7 +11,9 @@ import contextlib
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Self
 
 MOSQUITTO = "/usr/sbin/mosquitto"
 NATS_SERVER = "/usr/sbin/nats-server"
@@ -47,6 +49,19 @@ class Broker:
 
     def command(self) -> list[str]:
         raise NotImplementedError
+
+    @classmethod
+    @contextlib.contextmanager
+    def running_in(cls, parent: Path, name: str) -> Iterator[Self]:
+        """A started broker in its own folder under `parent`, always stopped afterwards."""
+        workdir = parent / name
+        workdir.mkdir()
+        broker = cls(workdir)
+        broker.start()
+        try:
+            yield broker
+        finally:
+            broker.stop()
 
     @property
     def running(self) -> bool:
