@@ -244,7 +244,8 @@ async def _run(config: FleetConfig, duration: float, drain: float, progress: boo
     try:
         async with Fleet(config, progress=sys.stderr if progress else None, drain=drain) as fleet:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), duration)
+                async with asyncio.timeout(duration):
+                    await stop.wait()
             await fleet.stop()
             return fleet.summary()
     finally:

@@ -262,13 +262,15 @@ class Gateway:
             if pending:
                 log.error("gateway.shutdown_timeout", relay_tasks=[t.get_name() for t in pending])
         try:
-            await asyncio.wait_for(self.relay.flush_status(stopping=True), SHUTDOWN_DEADLINE)
+            async with asyncio.timeout(SHUTDOWN_DEADLINE):
+                await self.relay.flush_status(stopping=True)
         except Exception as exc:
             log.warning("relay.status_failed", error=str(exc))
 
     async def _stop_tasks(self) -> None:
         try:
-            await asyncio.wait_for(self.writer.close(), SHUTDOWN_DEADLINE)
+            async with asyncio.timeout(SHUTDOWN_DEADLINE):
+                await self.writer.close()
         except TimeoutError:
             log.error("gateway.shutdown_timeout", pending_writes=self.writer.pending)
             if self._writer_task is not None:

@@ -145,7 +145,8 @@ class CommandDispatcher:
         async with asyncio.TaskGroup() as deliveries:
             while True:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self._config.poll_interval)
+                    async with asyncio.timeout(self._config.poll_interval):
+                        await self._wake.wait()
                 self._wake.clear()
                 try:
                     await self._step(deliveries)
@@ -213,9 +214,8 @@ class CommandDispatcher:
                 message.opt.content_format = command.content_format
             log.debug("command.sending", method=command.method, path=command.path)
             try:
-                response = await asyncio.wait_for(
-                    self._context().request(message).response, self._config.response_timeout
-                )
+                async with asyncio.timeout(self._config.response_timeout):
+                    response = await self._context().request(message).response
             except (TimeoutError, aiocoap.error.Error, OSError) as exc:
                 reason = type(exc).__name__ if isinstance(exc, TimeoutError) else str(exc)
                 retry = command.attempts < self._config.max_attempts

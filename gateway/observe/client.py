@@ -207,7 +207,8 @@ class DeviceObserver:
         pending = self._context().request(request)
         try:
             try:
-                response = await asyncio.wait_for(pending.response, self._config.request_timeout)
+                async with asyncio.timeout(self._config.request_timeout):
+                    response = await pending.response
             except TimeoutError:
                 log.warning("observe.unanswered", outcome="retry")
                 return self._config.retry_after
@@ -226,7 +227,8 @@ class DeviceObserver:
             notifications = pending.observation.__aiter__()
             while True:
                 try:
-                    notification = await asyncio.wait_for(notifications.__anext__(), limit)
+                    async with asyncio.timeout(limit):
+                        notification = await notifications.__anext__()
                 except TimeoutError:
                     log.info("observe.silent", outcome="reestablish", seconds=limit)
                     return 0.0

@@ -69,7 +69,8 @@ class MqttSink(SinkBase):
             tls_context=tls_context(config) if self._tls else None,
         )
         try:
-            await asyncio.wait_for(client.__aenter__(), config.timeout)
+            async with asyncio.timeout(config.timeout):
+                await client.__aenter__()
         except (aiomqtt.MqttError, OSError, TimeoutError) as exc:
             where = f"{self._host}:{self._port}"
             raise self.down(self.transient(f"cannot connect to {where}: {exc!r}")) from exc
@@ -84,7 +85,8 @@ class MqttSink(SinkBase):
         if client is not None:
             # A dead connection cannot say goodbye; do not wait long for it.
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(client.__aexit__(None, None, None), 1.0)
+                async with asyncio.timeout(1.0):
+                    await client.__aexit__(None, None, None)
 
     def _properties(self, delivery: Delivery) -> Properties | None:
         if self._protocol is not aiomqtt.ProtocolVersion.V5:

@@ -88,8 +88,8 @@ class NatsSink(SinkBase):
             options["password"] = config.password
         servers = list(config.server_list)
         try:
-            nc = await asyncio.wait_for(
-                nats.connect(
+            async with asyncio.timeout(config.timeout):
+                nc = await nats.connect(
                     servers,
                     name=f"coap-gw relay {config.name}",
                     allow_reconnect=False,
@@ -98,9 +98,7 @@ class NatsSink(SinkBase):
                     error_cb=self._on_error,
                     disconnected_cb=self._on_disconnected,
                     **options,
-                ),
-                config.timeout,
-            )
+                )
         except (nats.errors.Error, OSError, TimeoutError) as exc:
             where = ", ".join(_SERVER_PASSWORD.sub("//", s) for s in servers)
             raise self.down(self.transient(f"cannot connect to {where}: {exc!r}")) from exc
@@ -139,7 +137,8 @@ class NatsSink(SinkBase):
         self._connected = False
         if nc is not None and not nc.is_closed:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(nc.close(), 1.0)
+                async with asyncio.timeout(1.0):
+                    await nc.close()
 
     def _error(self, exc: BaseException, delivery: Delivery) -> SinkError:
         if isinstance(exc, nats.js.errors.BadRequestError):
