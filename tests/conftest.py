@@ -12,12 +12,14 @@ Fixtures (all function-scoped, all cleaned up):
 
 from __future__ import annotations
 
+import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import aiocoap
 import aiocoap.resource
 import pytest
+import structlog
 from aiohttp import web
 
 from gateway.app import Gateway
@@ -26,6 +28,17 @@ from tests.support.brokers import Mosquitto, NatsServer
 from tests.support.downstreams import CoapUpstream, WebhookServer, free_udp_port
 from tests.support.gateway import GatewayProcess, base_url
 from tests.support.gateway import gateway_config as make_gateway_config
+
+
+@pytest.fixture(autouse=True, scope="session")
+def logs_bound_to_the_process_stderr() -> None:
+    """In-process gateways log while in-process CLI commands run beside them.
+
+    CliRunner swaps sys.stdout and sys.stderr, and structlog's default logger writes to
+    whichever sys.stdout is current, so a relay warning could land inside a command's
+    `--json` output. The log stream is bound once here, as `gateway serve` binds its own.
+    """
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.__stderr__))
 
 
 @pytest.fixture
