@@ -24,14 +24,24 @@ MAX_DIAGNOSTIC = 120
 
 
 def peer_of(request: Message) -> str | None:
-    """`host:port` of the sender, as commands and observations should reach it."""
-    remote = request.remote
-    if remote is None:
-        return None
+    """`host:port` of the sender, as commands and observations should reach it.
+
+    Kept on the request: the guard, the resource and its log lines all ask, and aiocoap
+    formats the address anew each time.
+    """
     try:
-        return str(remote.hostinfo)
-    except Exception:  # some transports cannot name their peer
-        return None
+        return request.gateway_peer  # type: ignore[no-any-return]
+    except AttributeError:
+        pass
+    remote = request.remote
+    peer: str | None = None
+    if remote is not None:
+        try:
+            peer = str(remote.hostinfo)
+        except Exception:  # some transports cannot name their peer
+            peer = None
+    request.gateway_peer = peer
+    return peer
 
 
 def error_response(exc: DeviceError) -> Message:

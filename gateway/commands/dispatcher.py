@@ -67,16 +67,20 @@ class CommandDispatcher:
         self._wake = asyncio.Event()
         self._windows: dict[str, float] = {}
         self._busy: set[str] = set()
+        #: Devices with queued commands as of the last look at the queue (or a submit since):
+        #: a reading from any other device need not wake the loop.
+        self._queued: set[str] = set()
         self._slots = asyncio.Semaphore(config.max_in_flight)
         #: Commands refused because their device's queue was full, since start.
         self.refused_full = 0
 
     # --- what wakes it ------------------------------------------------------------------
 
-    def _opened(self, device: str, device_type: str) -> None:
+    def _opened(self, device: str, device_type: str, *, wake: bool = True) -> None:
         until = self._clock() + self._config.window(device_type)
         self._windows[device] = max(self._windows.get(device, 0.0), until)
-        self._wake.set()
+        if wake:
+            self._wake.set()
 
     def on_registry_event(self, event: RegistryEvent) -> None:
         if event.kind in ("registered", "updated"):
@@ -85,8 +89,11 @@ class CommandDispatcher:
             self._windows.pop(event.device.name, None)
 
     def on_commit(self, readings: Sequence[StoredReading]) -> None:
+        # Called for every group commit: waking the loop (two queries) only for devices
+        # known to have commands keeps ingest from paying for the command queue. Commands
+        # queued by another process are found by the next poll, within the wake window.
         for device in {reading.device for reading in readings}:
-            self._opened(device.name, device.type)
+            self._opened(device.name, device.type, wake=device.name in self._queued)
 
     def on_address(self, device: str, address: str) -> None:
         self._wake.set()
@@ -133,6 +140,7 @@ class CommandDispatcher:
             path=request.path,
             origin=origin,
         )
+        self._queued.add(device)
         self._wake.set()
         return command_id
 
@@ -159,7 +167,9 @@ class CommandDispatcher:
             expired = await self._writer.transaction(lambda conn: store.expire_due(conn, now))
             for command in expired:
                 log.info("command.expired", device=command.device, command=command.id)
-        for item in await store.pending(self._reader):
+        pending = await store.pending(self._reader)
+        self._queued = {item.command.device for item in pending}
+        for item in pending:
             name = item.command.device
             if name in self._busy or not self._reachable(item, now):
                 continue

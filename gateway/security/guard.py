@@ -11,9 +11,9 @@ carries the authenticated claim of its security context. For each request the gu
 4. takes a token from that device's bucket (4.29), so a flooding device never slows others;
 5. bounds registrations (5.03) and observations (falls back to a plain GET, RFC 7641 §4.1);
 6. keeps answers to unauthenticated peers within `amplification_factor` times the request
-   size (RFC 7252 §11.3): it asks the resource for Block2 blocks small enough (RFC 7959
-   lets the server pick a smaller block size than the client), strips diagnostics from
-   error answers that would still be too large, and answers 4.01 (authenticate first)
+   size (RFC 7252 §11.3): on reads it asks the resource for Block2 blocks small enough
+   (RFC 7959 lets the server pick a smaller block size than the client), it cuts the
+   diagnostic of an error answer to what fits, and answers 4.01 (authenticate first)
    when even that is not enough. Block2 continuations are not charged to the buckets.
 
 Every refusal is answered with its code and counted; log lines are at most one per second
@@ -173,12 +173,15 @@ class Guard(interfaces.Resource):  # type: ignore[misc]
         claims = getattr(request.remote, "authenticated_claims", None) or ()
         identity = identity_from_claims(list(claims))
         source = peer_of(request) or "?"
-        budget = self._budget(request, identity)
+        # Answers to unauthenticated peers are bounded (RFC 7252 §11.3).
+        limited = identity is None and bool(self._config.amplification_factor)
         try:
             self._check_live(claims, source)
             await self._admit(request, identity, source)
         except DeviceError as exc:
-            response = self._shape(error_response(exc), budget, request)
+            response = error_response(exc)
+            if limited:
+                response = self._shape(response, request)
             pipe.add_response(response, is_last=True)
             return
         if request.opt.observe == 0 and request.code == Code.GET:
@@ -187,12 +190,17 @@ class Guard(interfaces.Resource):  # type: ignore[misc]
             # is bounded instead by the observer limits and by its confirmable notifications,
             # which end the observation of a (spoofed) peer that does not acknowledge them.
             if request.opt.observe == 0:
-                budget = None
-        if budget is not None:
-            # Also for POSTs: a diagnostic longer than the budget then goes out block-wise
-            # rather than being dropped.
-            request = self._ask_for_small_blocks(request, budget)
-            pipe = _ShapedPipe(pipe, request, lambda r: self._shape(r, budget, request))
+                limited = False
+        if limited:
+            # Only reads answer with a representation worth cutting into blocks; any other
+            # answer is a code and at most a short diagnostic, cut to the budget in _shape.
+            # Asking for blocks on every POST would route each reading through aiocoap's
+            # block-wise cache, about a quarter of the ingest path's CPU.
+            budget: int | None = None
+            if request.code in (Code.GET, Code.FETCH):
+                budget = self._budget(request)  # before the request grows a Block2 option
+                request = self._ask_for_small_blocks(request, budget)
+            pipe = _ShapedPipe(pipe, request, lambda r: self._shape(r, request, budget))
         await self._inner.render_to_pipe(pipe)
 
     # --- admission -------------------------------------------------------------------------
@@ -307,11 +315,8 @@ class Guard(interfaces.Resource):  # type: ignore[misc]
 
     # --- amplification ---------------------------------------------------------------------
 
-    def _budget(self, request: Message, identity: Identity | None) -> int | None:
-        factor = self._config.amplification_factor
-        if identity is not None or not factor:
-            return None
-        return int(factor * message_size(request))
+    def _budget(self, request: Message) -> int:
+        return int(self._config.amplification_factor * message_size(request))
 
     def _ask_for_small_blocks(self, request: Message, budget: int) -> Message:
         exponent = block_exponent_for(budget, len(request.token or b""))
@@ -324,14 +329,24 @@ class Guard(interfaces.Resource):  # type: ignore[misc]
             request.opt.block2 = block2.reduced_to(exponent)
         return request
 
-    def _shape(self, response: Message, budget: int | None, request: Message) -> Message:
-        if budget is None:
-            return response
+    def _shape(self, response: Message, request: Message, budget: int | None = None) -> Message:
         token = request.token or b""
-        if message_size(response, token) <= budget:
+        size = message_size(response, token)
+        if budget is None:
+            # Most answers (an empty 2.04) are no larger than a request with no options at
+            # all, so the request's options need not be encoded to know they fit.
+            least = 4 + len(token) + (1 + len(request.payload) if request.payload else 0)
+            if size <= self._config.amplification_factor * least:
+                return response
+            budget = self._budget(request)
+        if size <= budget:
             return response
         if response.code is not None and not response.code.is_successful() and response.payload:
-            response.payload = b""
+            # The diagnostic is cut to what fits (on a character boundary), not dropped.
+            diagnostic, response.payload = response.payload, b""
+            room = budget - message_size(response, token) - 1  # 1: the payload marker
+            if room > 0:
+                response.payload = diagnostic[:room].decode("utf-8", "ignore").encode("utf-8")
             if message_size(response, token) <= budget:
                 return response
         self.events.hit(

@@ -68,3 +68,33 @@ async def test_small_answers_are_untouched(
     response = await post(coap_client, gateway_url, "r/fr1", cbor2.dumps({"temp": 3.5}))
     assert response.code == Code.CHANGED
     assert response.opt.block2 is None
+
+
+async def test_long_diagnostic_is_cut_to_fit_not_dropped(
+    gateway: Gateway, gateway_url: str, coap_client: aiocoap.Context
+) -> None:
+    await register(coap_client, gateway_url, "fr1")
+    # One broken byte of CBOR: a tiny request whose diagnostic is longer than 3x its size.
+    request = aiocoap.Message(
+        code=Code.POST, uri_path=("r", "fr1"), payload=b"\xff", content_format=60
+    )
+    request.mtype, request.mid, request.token = Type.CON, 78, b"\x08"
+    wire = request.encode()
+    loop = asyncio.get_running_loop()
+    transport, protocol = await loop.create_datagram_endpoint(
+        RawClient,
+        remote_addr=("127.0.0.1", gateway.config.server.port),
+        family=socket.AF_INET,
+    )
+    try:
+        transport.sendto(wire)
+        data = await asyncio.wait_for(protocol.received.get(), 5)
+    finally:
+        transport.close()
+    answer = aiocoap.Message.decode(data)
+    assert answer.code == Code.BAD_REQUEST
+    assert len(data) <= 3 * len(wire), (len(data), len(wire))
+    assert answer.opt.block2 is None
+    full = await post(coap_client, gateway_url, "r/fr1", b"\xff")
+    assert len(full.payload) > len(answer.payload) > 10, (full.payload, answer.payload)
+    assert full.payload.startswith(answer.payload)
