@@ -25,6 +25,19 @@ class RawClient(asyncio.DatagramProtocol):
         self.received.put_nowait(data)
 
 
+async def exchange(port: int, wire: bytes) -> bytes:
+    """One datagram to the gateway from a fresh socket; its first answer, as sent."""
+    loop = asyncio.get_running_loop()
+    transport, protocol = await loop.create_datagram_endpoint(
+        RawClient, remote_addr=("127.0.0.1", port), family=socket.AF_INET
+    )
+    try:
+        transport.sendto(wire)
+        return await asyncio.wait_for(protocol.received.get(), 5)
+    finally:
+        transport.close()
+
+
 async def test_large_answer_comes_in_small_blocks(
     gateway: Gateway, gateway_url: str, coap_client: aiocoap.Context
 ) -> None:
@@ -36,17 +49,7 @@ async def test_large_answer_comes_in_small_blocks(
     request.mid = 77
     request.token = b"\x07"
     wire = request.encode()
-    loop = asyncio.get_running_loop()
-    transport, protocol = await loop.create_datagram_endpoint(
-        RawClient,
-        remote_addr=("127.0.0.1", gateway.config.server.port),
-        family=socket.AF_INET,
-    )
-    try:
-        transport.sendto(wire)
-        data = await asyncio.wait_for(protocol.received.get(), 5)
-    finally:
-        transport.close()
+    data = await exchange(gateway.config.server.port, wire)
     answer = aiocoap.Message.decode(data)
     assert answer.code == Code.CONTENT
     assert len(data) <= 3 * len(wire), (len(data), len(wire))
@@ -80,17 +83,7 @@ async def test_long_diagnostic_is_cut_to_fit_not_dropped(
     )
     request.mtype, request.mid, request.token = Type.CON, 78, b"\x08"
     wire = request.encode()
-    loop = asyncio.get_running_loop()
-    transport, protocol = await loop.create_datagram_endpoint(
-        RawClient,
-        remote_addr=("127.0.0.1", gateway.config.server.port),
-        family=socket.AF_INET,
-    )
-    try:
-        transport.sendto(wire)
-        data = await asyncio.wait_for(protocol.received.get(), 5)
-    finally:
-        transport.close()
+    data = await exchange(gateway.config.server.port, wire)
     answer = aiocoap.Message.decode(data)
     assert answer.code == Code.BAD_REQUEST
     assert len(data) <= 3 * len(wire), (len(data), len(wire))
