@@ -23,6 +23,7 @@ import structlog
 
 from gateway.coap.alerts import AlertsResource, ListNamesResource, ListsResource
 from gateway.coap.commands import CommandsResource
+from gateway.coap.fastlane import ReadingsFastLane
 from gateway.coap.observe import DevicesResource, ObservableReadingsResource
 from gateway.coap.registration import RegistrationCollection, RegistrationEntries
 from gateway.coap.server import (
@@ -80,6 +81,8 @@ class Gateway:
     site: GatewaySite
     security: SecurityLayer
     coap: CoapServer
+    #: None when `server.fast_lane` is off.
+    fast_lane: ReadingsFastLane | None
     readings: ObservableReadingsResource
     devices: DevicesResource
     commands: CommandDispatcher
@@ -153,13 +156,20 @@ class Gateway:
                 store_path=config.store.path,
             )
         )
+        root = self.security.wrap(self.site.site)
+        guard = self.security.guard
+        assert guard is not None  # wrap() made it
+        self.fast_lane = (
+            ReadingsFastLane(guard.render_plain, self.readings) if config.server.fast_lane else None
+        )
         self.coap = await stack.enter_async_context(
             CoapServer(
                 self.site,
                 bind=config.server.bind,
                 port=config.server.port,
                 transport=config.server.transport,
-                root=self.security.wrap(self.site.site),
+                root=root,
+                fast_lane=self.fast_lane,
                 **self.security.server_options(),
             )
         )

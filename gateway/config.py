@@ -37,6 +37,9 @@ class ServerConfig:
     #: aiocoap server transport: "auto" takes "udp6" for the any-address ("::", "0.0.0.0")
     #: and the cheaper "simplesocketserver" for a specific address.
     transport: Literal["auto", "udp6", "simplesocketserver"] = "auto"
+    #: Plain reading POSTs skip aiocoap's generic request pipeline (same admission, same
+    #: answers; see gateway/coap/fastlane.py). Off: every request goes the generic way.
+    fast_lane: bool = True
 
 
 @dataclass(frozen=True)

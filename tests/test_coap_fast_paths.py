@@ -1,10 +1,12 @@
-"""The cheaper request path keeps CoAP behaviour: routing, both transports, block-wise POST,
-deduplication, and the store's one-trip group commit."""
+"""The cheaper request path keeps CoAP behaviour: routing, both transports, the readings
+fast lane (and the generic way without it), block-wise POST, deduplication, separate
+responses, and the store's one-trip group commit."""
 
 from __future__ import annotations
 
 import asyncio
 import socket
+import sqlite3
 import subprocess
 from pathlib import Path
 
@@ -32,11 +34,12 @@ def test_transport_is_chosen_by_bind_address() -> None:
     assert choose_transport("127.0.0.1", "udp6") == "udp6"
 
 
+@pytest.mark.parametrize("fast_lane", [True, False])
 @pytest.mark.parametrize("transport", ["simplesocketserver", "udp6"])
 async def test_requests_reach_their_resources_on_either_transport(
-    tmp_path: Path, coap_client: aiocoap.Context, transport: str
+    tmp_path: Path, coap_client: aiocoap.Context, transport: str, fast_lane: bool
 ) -> None:
-    config = gateway_config(tmp_path, server={"transport": transport})
+    config = gateway_config(tmp_path, server={"transport": transport, "fast_lane": fast_lane})
     url = base_url(config)
     async with Gateway(config):
         location = await register(coap_client, url, "f1", "fridge")
@@ -212,3 +215,71 @@ async def test_a_peer_that_went_away_fails_at_once_on_the_simple_transport(
     request = aiocoap.Message(code=Code.GET, uri=f"coap://127.0.0.1:{port}/temp")
     with pytest.raises(aiocoap.error.NetworkError):
         await asyncio.wait_for(context.request(request).response, 5)
+
+
+async def test_plain_reading_posts_take_the_fast_lane_and_others_the_generic_way(
+    gateway: Gateway, gateway_url: str, coap_client: aiocoap.Context
+) -> None:
+    lane = gateway.fast_lane
+    assert lane is not None
+    await register(coap_client, gateway_url, "f4", "fridge")
+    before = lane.served
+    assert (await post(coap_client, gateway_url, "r/f4", cbor2.dumps({"temp": 1.0}))).code == (
+        Code.CHANGED
+    )
+    assert lane.served == before + 1
+    # A query, or an unknown device: still answered, the query one the generic way.
+    queried = await coap_client.request(
+        aiocoap.Message(
+            code=Code.POST,
+            uri=f"{gateway_url}/r/f4?x=1",
+            payload=cbor2.dumps({"temp": 2.0}),
+            content_format=60,
+        )
+    ).response
+    assert queried.code == Code.CHANGED and lane.served == before + 1
+    unknown = await post(coap_client, gateway_url, "r/nobody", cbor2.dumps({"temp": 2.0}))
+    assert unknown.code == Code.NOT_FOUND and b"nobody" in unknown.payload
+    assert lane.served == before + 2
+
+
+async def test_a_slow_commit_gets_an_empty_ack_then_a_confirmable_answer(
+    gateway: Gateway, gateway_url: str, coap_client: aiocoap.Context
+) -> None:
+    """The fast lane leaves piggybacking to aiocoap: an answer later than its empty-ACK
+    delay goes out as a separate CON response, retransmitted until acknowledged."""
+    await register(coap_client, gateway_url, "f5", "fridge")
+    loop = asyncio.get_running_loop()
+    answers: asyncio.Queue[bytes] = asyncio.Queue()
+
+    class Device(asyncio.DatagramProtocol):
+        def datagram_received(self, data: bytes, addr: object) -> None:
+            answers.put_nowait(data)
+
+    # Another connection holds the write lock, so the reading's commit waits for it.
+    blocker = sqlite3.connect(gateway.config.store.path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    transport, _ = await loop.create_datagram_endpoint(
+        Device, remote_addr=("127.0.0.1", gateway.config.server.port)
+    )
+    try:
+        options = bytes([0xB1]) + b"r" + bytes([0x02]) + b"f5" + bytes([0x11, 60])
+        datagram = b"\x41\x02\x02\x02\xac" + options + b"\xff" + cbor2.dumps({"temp": 3.5})
+        transport.sendto(datagram)
+        empty_ack = await asyncio.wait_for(answers.get(), 5)
+        assert empty_ack == b"\x60\x00\x02\x02"  # ACK, 0.00, same message id, no token
+        blocker.execute("COMMIT")
+        separate = await asyncio.wait_for(answers.get(), 5)
+        assert separate[0] == 0x41 and separate[1] == 0x44  # CON 2.04 ...
+        assert separate[4:5] == b"\xac"  # ... with the request's token
+        transport.sendto(bytes([0x60, 0x00]) + separate[2:4])  # acknowledge it
+    finally:
+        transport.close()
+        if blocker.in_transaction:
+            blocker.execute("ROLLBACK")
+        blocker.close()
+    async with gateway.reader.execute(
+        "SELECT count(*) FROM readings r JOIN devices d ON d.id = r.device_id WHERE d.name='f5'"
+    ) as cursor:
+        (count,) = await cursor.fetchone()  # type: ignore[misc]
+    assert count == 1

@@ -27,6 +27,7 @@ import structlog
 from aiocoap import Context, resource
 from aiocoap.util.linkformat import Link, LinkFormat
 
+from gateway.coap.fastlane import ReadingsFastLane
 from gateway.core.readings import CF_CBOR, CF_JSON, CF_LINK_FORMAT, CF_SENML_CBOR, CF_SENML_JSON
 
 log = structlog.get_logger(__name__)
@@ -194,6 +195,7 @@ class CoapServer:
         root: Any = None,
         extra_transports: tuple[str, ...] = (),
         server_credentials: Any = None,
+        fast_lane: ReadingsFastLane | None = None,
     ) -> None:
         self._site = site
         #: What the context serves: the site itself, or a wrapper around it (security).
@@ -202,6 +204,7 @@ class CoapServer:
         self._server_credentials = server_credentials
         self._bind = bind
         self._port = port
+        self._fast_lane = fast_lane
         self.context: Any = None
 
     async def __aenter__(self) -> CoapServer:
@@ -213,6 +216,8 @@ class CoapServer:
         )
         if "simplesocketserver" in self._transports:
             report_icmp_errors(self.context)
+        if self._fast_lane is not None:
+            self._fast_lane.install(self.context)
         log.info("coap.listening", bind=self._bind, port=self._port, transports=self._transports)
         return self
 
@@ -222,6 +227,8 @@ class CoapServer:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        if self._fast_lane is not None:
+            await self._fast_lane.aclose()
         if self.context is not None:
             await self.context.shutdown()
             self.context = None

@@ -96,7 +96,9 @@ class CommandDispatcher:
             self._opened(device.name, device.type, wake=device.name in self._queued)
 
     def on_address(self, device: str, address: str) -> None:
-        self._wake.set()
+        # Told of every reading's source; only a device with commands waiting cares.
+        if device in self._queued:
+            self._wake.set()
 
     def window_open(self, device: str, now: float) -> bool:
         return self._windows.get(device, 0.0) > now

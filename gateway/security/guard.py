@@ -203,6 +203,24 @@ class Guard(interfaces.Resource):  # type: ignore[misc]
             pipe = _ShapedPipe(pipe, request, lambda r: self._shape(r, request, budget))
         await self._inner.render_to_pipe(pipe)
 
+    async def render_plain(
+        self, request: Message, render: Callable[[Message], Awaitable[Message]]
+    ) -> Message:
+        """`render_to_pipe` for a request with no claims, no Observe and no block options,
+        answered once by `render`: the readings fast lane (gateway.coap.fastlane) comes in
+        here, past the OSCORE wrapper and aiocoap's pipes, and gets the same admission and
+        the same bound on the answer's size."""
+        source = peer_of(request) or "?"
+        try:
+            await self._admit(request, None, source)
+        except DeviceError as exc:
+            response = error_response(exc)
+        else:
+            response = await render(request)
+        if self._config.amplification_factor:
+            response = self._shape(response, request)
+        return response
+
     # --- admission -------------------------------------------------------------------------
 
     def _check_live(self, claims: Any, source: str) -> None:
