@@ -302,6 +302,33 @@ async def wait_drained(db: Path, within: float) -> float | None:
     return None
 
 
+async def sustained_rate(
+    server: Any, names: list[str], estimate: float, acked: Any
+) -> tuple[float, list[str]]:
+    """The highest open-loop rate at which the relay keeps up with ingest.
+
+    A closed loop measures how fast readings are acknowledged, but with the relay on the
+    same core the outbox grows meanwhile: that rate cannot be sustained (the outbox bound
+    would turn it into 5.03s). Here each probe offers `rate` for the measurement time and
+    counts as kept up when the backlog at its end is under half a second of readings; the
+    first probe is the estimate, each further one 15 % lower. Returns the rate and notes.
+    """
+    rate, notes = estimate, []
+    for probe in range(4):
+        seq0 = 10**7 * (probe + 1)
+        stats, gen = await opened(server.port, CborReadings(names, start_seq=seq0), rate)
+        acked(server.db, "cbor", gen)
+        behind = outbox_depth(server.db)
+        await wait_drained(server.db, DRAIN_TIMEOUT)
+        answered = set(stats.codes) == {"2.04"} and not stats.lost and not stats.skipped
+        if answered and stats.rate >= 0.95 * rate and behind <= max(50, 0.5 * rate):
+            return stats.rate, notes
+        notes.append(f"offered {rate:.0f}/s: {behind} entries behind at the end, lower")
+        rate *= 0.85
+    notes.append(f"no probe kept up; reporting the last one ({rate / 0.85:.0f}/s)")
+    return rate / 0.85, notes
+
+
 @dataclass
 class Report:
     rows: list[dict[str, Any]] = field(default_factory=list)
@@ -515,7 +542,7 @@ async def main() -> int:
                 backlog = outbox_depth(server.db)
                 report.add(
                     "1",
-                    "readings/s, stored + relayed (2.04)",
+                    "readings/s acknowledged, relay falling behind",
                     full.rate,
                     "readings/s",
                     "bare aiocoap Site",
@@ -523,7 +550,7 @@ async def main() -> int:
                 )
                 report.add(
                     "1",
-                    "readings/s, stored + relayed (2.04)",
+                    "readings/s acknowledged, relay falling behind",
                     full.rate,
                     "readings/s",
                     "minimal UDP responder",
@@ -564,10 +591,25 @@ async def main() -> int:
                     )
                     + f"; {relayed} messages reached the subscriber so far"
                 )
+                # Ingest and relay share one core: the sustained rate costs a reading's
+                # ingest (store-only figure) plus its relaying (the drain just measured).
+                drain_rate = backlog / drained if drained and backlog else None
+                estimate = 1 / (1 / stored.rate + 1 / drain_rate) if drain_rate else 0.5 * full.rate
+                sustained, notes = await sustained_rate(server, names, estimate, acked)
+                for text in notes:
+                    report.note(f"sustained rate: {text}")
+                report.add(
+                    "1",
+                    "readings/s, stored + relayed, sustained",
+                    sustained,
+                    "readings/s",
+                    "bare aiocoap Site",
+                    bare.rate,
+                )
                 for share in (0.5, 0.8):
                     seq0 = 10**6 * int(share * 10)
                     stats, gen = await opened(
-                        server.port, CborReadings(names, start_seq=seq0), share * full.rate
+                        server.port, CborReadings(names, start_seq=seq0), share * sustained
                     )
                     acked(server.db, "cbor", gen)
                     await wait_drained(server.db, DRAIN_TIMEOUT)
