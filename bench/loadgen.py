@@ -335,7 +335,11 @@ class Stats:
             f"  p50 {self.percentile(50):6.2f} ms  p99 {self.percentile(99):6.2f} ms"
             f"  p99.9 {self.percentile(99.9):6.2f} ms  piggybacked {self.piggyback_share:6.1%}"
             f"  lost {self.lost}  codes {dict(self.codes)}"
-            + (f"  observing {self.observations}" if self.observations else "")
+            + (
+                f"  observing {self.observations} ({self.observation_rate:.0f}/s)"
+                if self.observations
+                else ""
+            )
         )
 
 
@@ -777,12 +781,20 @@ class FanoutStats:
     missing: int = 0  # (reading, observer) pairs without a notification
     lost: int = 0  # gaps in Observe numbers, whole run
     confirmable: int = 0  # confirmable notifications, whole run
+    duplicates: int = 0  # notifications received again (retransmitted CONs), whole run
     ended: int = 0  # observations the server ended, whole run
     latencies: list[float] = field(default_factory=list)  # post -> last observer, seconds
 
     @property
     def rate(self) -> float:
         return self.notifications / self.duration if self.duration else 0.0
+
+    @property
+    def median_round_rate(self) -> float:
+        """Observers notified per second in the median round: the rate without the rounds
+        that waited for retransmissions."""
+        median = Stats(latencies=self.latencies).percentile(50) / 1000
+        return self.observers / median if median > 0 else 0.0
 
     def summary(self) -> str:
         rounds = Stats(latencies=self.latencies)
@@ -791,7 +803,7 @@ class FanoutStats:
             f" observers  round p50 {rounds.percentile(50):6.1f} ms"
             f" p99 {rounds.percentile(99):6.1f} ms  missing {self.missing}"
             f" in {self.incomplete} rounds  lost {self.lost}  confirmable {self.confirmable}"
-            f"  ended {self.ended}  failed posts {self.failed}"
+            f"  duplicates {self.duplicates}  ended {self.ended}  failed posts {self.failed}"
         )
 
 
@@ -803,6 +815,7 @@ async def fanout(
     duration: float,
     warmup: float = 0.0,
     wait: float = 2.0,
+    min_rounds: int = 1,
 ) -> FanoutStats:
     """Post readings one after another from `device` (a generator with one socket) while
     `observers` (whose sockets observe that device) count notifications.
@@ -811,7 +824,8 @@ async def fanout(
     observation has been notified once more, or `wait` seconds. A round lasts from the
     post to the last observer's notification, so the time spent waiting for a notification
     that was lost does not count; the missing ones are reported. Rounds start for `warmup`
-    seconds unmeasured, then for `duration` seconds measured.
+    seconds unmeasured, then for `duration` seconds measured and at least `min_rounds`
+    measured rounds (a post not answered 2.04 counts as a round, with no notifications).
     """
     stats = FanoutStats(observers=observers.notifications.observing)
     loop = asyncio.get_running_loop()
@@ -819,7 +833,7 @@ async def fanout(
     measuring = warmup <= 0
     while True:
         elapsed = loop.time() - begin
-        if elapsed >= warmup + duration:
+        if elapsed >= warmup + duration and stats.readings + stats.failed >= min_rounds:
             break
         if not measuring and elapsed >= warmup:
             measuring = True
@@ -840,6 +854,7 @@ async def fanout(
     counts = observers.notifications
     stats.lost = counts.lost(observers)
     stats.confirmable = counts.confirmable
+    stats.duplicates = counts.duplicates
     stats.ended = counts.ended
     return stats
 
