@@ -23,6 +23,7 @@ import contextlib
 import json
 import os
 import platform
+import resource
 import signal
 import socket
 import sqlite3
@@ -37,12 +38,15 @@ from typing import Any
 
 from loadgen import (
     CborReadings,
+    FanoutStats,
     Limited,
     LoadGenerator,
+    Observations,
     Registrations,
     SenmlPacks,
     Stats,
     device_names,
+    fanout,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,7 +57,13 @@ DURATION = float(os.environ.get("BENCH_DURATION", 2.0 if QUICK else 8.0))
 WARMUP = 0.5 if QUICK else 2.0
 DEVICES = 200  # sockets, one per device, for the ingest figures
 WINDOW = 32  # requests in flight in closed-loop runs
-SCALE_DEVICES = 1_000 if QUICK else 10_000
+SCALE_DEVICES = 1_000 if QUICK else 10_000  # figure 4: devices, each observed once
+SCALE_TARGET_MB = 300.0  # figure 4's target: 10,000 devices under 300 MB RSS
+FANOUT_OBSERVERS = 1_000  # figure 5: observers of one device, one socket each
+# Seconds a fan-out round waits for a notification that may be lost: long enough for a
+# confirmable one to be retransmitted (ACK_TIMEOUT 2 s x ACK_RANDOM_FACTOR 1.5, RFC 7252).
+FANOUT_WAIT = 5.0
+FANOUT_MIN_ROUNDS = 3  # measured rounds at least, however slow the server's rounds are
 BACKLOG = int(os.environ.get("BENCH_BACKLOG", 2_000 if QUICK else 20_000))
 DRAIN_TIMEOUT = 30.0 if QUICK else 90.0
 ONLY = frozenset(
@@ -85,6 +95,16 @@ def free_port(kind: int = socket.SOCK_DGRAM) -> int:
     with socket.socket(socket.AF_INET, kind) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def udp_buffer_drops() -> int:
+    """Datagrams the kernel dropped because a socket's receive buffer was full, counted
+    over the whole machine since boot (Linux: /proc/net/snmp RcvbufErrors); -1 if unknown."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        with open("/proc/net/snmp") as fh:
+            rows = [line.split() for line in fh if line.startswith("Udp:")]
+        return int(rows[1][rows[0].index("RcvbufErrors")])
+    return -1
 
 
 def rss_mb(pid: int) -> float:
@@ -255,7 +275,12 @@ def sink_toml(sink: Broker) -> list[str]:
 
 
 def gateway_argv(
-    workdir: Path, tag: str, *, sink: Broker | None = None, level: str = "warning"
+    workdir: Path,
+    tag: str,
+    *,
+    sink: Broker | None = None,
+    level: str = "warning",
+    observers: int | None = None,
 ) -> tuple[list[str], int, Path]:
     """Command line, port and database of a gateway with its own config file."""
     port = free_port()
@@ -267,6 +292,10 @@ def gateway_argv(
     # per-device rate limits above the load (they are still checked on every request).
     lines += ["[security]", "source_rate = 1000.0", "source_burst = 2000.0"]
     lines += ["device_rate = 1000.0", "device_burst = 2000.0"]
+    if observers is not None:
+        # Figures 4 and 5 hold more observations than the default bound (1,000 in all);
+        # each observer is its own socket, so the per-peer bound (16) stays.
+        lines += [f"max_observers = {observers}"]
     if sink is not None:
         # Fast retries, no give-up: the catch-up figure starts its broker after filling the
         # outbox and wants the drain to start when the broker does.
@@ -279,8 +308,15 @@ def gateway_argv(
     return [sys.executable, "-m", "gateway", "serve", "--config", str(config)], port, db
 
 
-def gateway(workdir: Path, tag: str, *, sink: Broker | None = None, level: str = "warning") -> Any:
-    argv, port, db = gateway_argv(workdir, tag, sink=sink, level=level)
+def gateway(
+    workdir: Path,
+    tag: str,
+    *,
+    sink: Broker | None = None,
+    level: str = "warning",
+    observers: int | None = None,
+) -> Any:
+    argv, port, db = gateway_argv(workdir, tag, sink=sink, level=level, observers=observers)
     return running("gateway", argv, port, workdir / f"{tag}.log", db)
 
 
@@ -406,6 +442,81 @@ def percentile_ms(values: list[float], p: float) -> float:
     return Stats(latencies=values).percentile(p)
 
 
+def enough_files(sockets: int) -> None:
+    """Raise the open-files limit to what `sockets` load generator sockets need."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = sockets + 1_000
+    if soft != resource.RLIM_INFINITY and soft < need:
+        limit = need if hard == resource.RLIM_INFINITY else min(need, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
+
+
+@dataclass
+class Scale:
+    """Figure 4 on one server: RSS (MB) idle, with the devices, with their observations."""
+
+    idle: float
+    registered: float
+    observed: float
+    registrations: Stats
+    observations: Stats
+
+    def per_device_kb(self, rss: float) -> float:
+        return (rss - self.idle) * 1024 / SCALE_DEVICES
+
+
+async def scale(server: Server, prefix: str) -> Scale:
+    """Register SCALE_DEVICES devices, each from its own socket, then observe each one's
+    `/r/NAME` from that socket; the server's RSS before, between and after."""
+    names = device_names(SCALE_DEVICES, prefix=prefix)
+    idle = rss_mb(server.pid)
+    async with LoadGenerator(("127.0.0.1", server.port), sockets=SCALE_DEVICES) as gen:
+        registrations = await gen.run(Registrations(names), window=WINDOW)
+        registered = rss_mb(server.pid)
+        observations = await gen.run(Observations(names), window=WINDOW)
+        observed = rss_mb(server.pid)  # while every observation is live
+    return Scale(idle, registered, observed, registrations, observations)
+
+
+async def fan_out(server: Server) -> tuple[FanoutStats, LoadGenerator, int]:
+    """FANOUT_OBSERVERS sockets observe one device's `/r/NAME`; the device posts readings
+    one after another (figure 5). Returns the figures, the device's generator and the
+    datagrams dropped meanwhile for full receive buffers (machine-wide)."""
+    name = "fan-00000"
+    target = ("127.0.0.1", server.port)
+    async with (
+        LoadGenerator(target, sockets=1) as device,
+        LoadGenerator(target, sockets=FANOUT_OBSERVERS) as observers,
+    ):
+        registered = await device.run(Registrations([name]), window=1)
+        if registered.codes.get("2.01") != 1:
+            raise RuntimeError(f"{server.name}: fan-out device not registered: {registered.codes}")
+        started = await observers.run(Observations([name] * FANOUT_OBSERVERS), window=WINDOW)
+        if started.observations != FANOUT_OBSERVERS:
+            raise RuntimeError(
+                f"{server.name}: {started.observations} of {FANOUT_OBSERVERS} observations"
+                f" started: {started.codes}"
+            )
+        drops = udp_buffer_drops()
+        stats = await fanout(
+            device,
+            observers,
+            CborReadings([name]),
+            duration=DURATION,
+            warmup=WARMUP,
+            wait=FANOUT_WAIT,
+            min_rounds=FANOUT_MIN_ROUNDS,
+        )
+        drops = udp_buffer_drops() - drops if drops >= 0 else -1
+    return stats, device, drops
+
+
+def show_fanout(label: str, stats: FanoutStats, drops: int) -> None:
+    rounds = ", ".join(f"{seconds * 1000:.0f}" for seconds in stats.latencies)
+    print(f"    {label:<30} {stats.summary()}", flush=True)
+    print(f"    {'':<30} receive-buffer drops {drops}; rounds (ms): {rounds}", flush=True)
+
+
 async def main() -> int:
     if LOADGEN_CPU is not None:
         os.sched_setaffinity(0, {LOADGEN_CPU})
@@ -424,7 +535,6 @@ async def main() -> int:
     names = device_names(DEVICES)
     started = time.monotonic()
     stored: Stats | None = None  # figure 1, store only: a baseline for figures 4 and 7
-    bare_rss = float("nan")
 
     def acked(db: Path | None, kind: str, gen: LoadGenerator, size: int = 1) -> None:
         assert db is not None
@@ -454,7 +564,10 @@ async def main() -> int:
                         server.port, CborReadings(names, start_seq=10**9), share * bare.rate
                     )
                     show(f"bare aiocoap at {share:.0%}", bare_load[share])
-                bare_rss = rss_mb(server.pid)
+                report.note(
+                    f"bare aiocoap's RSS after its runs: {rss_mb(server.pid):.1f} MB"
+                    " (its answer cache for deduplication; figure 4 compares idle servers)"
+                )
 
         # --- 1 + 2: ingest, store only -----------------------------------------------------
         if wanted("1", "2"):
@@ -625,41 +738,143 @@ async def main() -> int:
 
         # --- 4. scale ----------------------------------------------------------------------
         if wanted("4"):
-            print(f"4. scale: {SCALE_DEVICES} registered devices", flush=True)
-            async with gateway(workdir, "scale") as server:
-                before = rss_mb(server.pid)
-                many = device_names(SCALE_DEVICES, prefix="scale")
-                async with LoadGenerator(("127.0.0.1", server.port), sockets=500) as gen:
-                    stats = await gen.run(Registrations(many), window=WINDOW)
-                after = rss_mb(server.pid)
-                show("registrations", stats)
-                if stats.codes.get("2.01", 0) != SCALE_DEVICES:
-                    report.note(f"only {stats.codes.get('2.01', 0)} of {SCALE_DEVICES} registered")
+            n = SCALE_DEVICES
+            print(f"4. scale: {n} devices, each registered and observed once", flush=True)
+            enough_files(n)
+            async with gateway(workdir, "scale", observers=2 * n) as server:
+                ours = await scale(server, "scale")
+            show("gateway: registrations", ours.registrations)
+            show("gateway: observations", ours.observations)
+            async with baseline("aiocoap-observe", workdir) as server:
+                bare_scale = await scale(server, "scale")
+            show("bare aiocoap: registrations", bare_scale.registrations)
+            show("bare aiocoap: observations", bare_scale.observations)
+            for label, run in (("gateway", ours), ("bare aiocoap", bare_scale)):
+                if run.registrations.codes.get("2.01", 0) != n:
+                    report.note(f"4, {label}: {dict(run.registrations.codes)} of {n} registered")
+                if run.observations.observations != n:
+                    report.note(
+                        f"4, {label}: {run.observations.observations} of {n} observations"
+                        f" started ({dict(run.observations.codes)})"
+                    )
+            bare_label = "bare aiocoap, same devices+obs"
+            report.add(
+                "4",
+                f"RSS, {n} devices + {n} observations",
+                ours.observed,
+                "MB",
+                bare_label,
+                bare_scale.observed,
+            )
+            report.add(
+                "4",
+                f"RSS, {n} devices + {n} observations",
+                ours.observed,
+                "MB",
+                f"target: under {SCALE_TARGET_MB:.0f} MB",
+                SCALE_TARGET_MB,
+            )
+            report.add(
+                "4",
+                "RSS per device incl. its observation",
+                ours.per_device_kb(ours.observed),
+                "KB",
+                "bare aiocoap, the same",
+                bare_scale.per_device_kb(bare_scale.observed),
+            )
+            report.add(
+                "4",
+                "RSS per registered device (no observation)",
+                ours.per_device_kb(ours.registered),
+                "KB",
+                "bare aiocoap, the same",
+                bare_scale.per_device_kb(bare_scale.registered),
+            )
+            report.add(
+                "4",
+                "RSS before registering",
+                ours.idle,
+                "MB",
+                "bare aiocoap, before",
+                bare_scale.idle,
+            )
+            report.add(
+                "4",
+                "registrations/s (each one committed)",
+                ours.registrations.rate,
+                "req/s",
+                "bare aiocoap (adds a resource)",
+                bare_scale.registrations.rate,
+            )
+            if stored is not None:
                 report.add(
                     "4",
-                    f"RSS with {SCALE_DEVICES} devices",
-                    after,
-                    "MB",
-                    "bare aiocoap after its runs",
-                    bare_rss,
-                )
-                report.add(
-                    "4",
-                    "RSS per registered device",
-                    (after - before) * 1024 / SCALE_DEVICES,
-                    "KB",
-                    "RSS before registrations",
-                    before,
-                )
-                report.add(
-                    "4",
-                    "registrations/s",
-                    stats.rate,
+                    "registrations/s (each one committed)",
+                    ours.registrations.rate,
                     "req/s",
                     "readings/s (store only)",
-                    stored.rate if stored is not None else float("nan"),
+                    stored.rate,
                 )
-                report.note("observations (one per device) are not part of figure 4 yet")
+            report.add(
+                "4",
+                "observations started/s",
+                ours.observations.observation_rate,
+                "obs/s",
+                "bare aiocoap, stock Observe",
+                bare_scale.observations.observation_rate,
+            )
+
+        # --- 5. Observe fan-out ------------------------------------------------------------
+        if wanted("5"):
+            print(
+                f"5. Observe fan-out: {FANOUT_OBSERVERS} observers of one device's /r/NAME,"
+                " readings posted one after another",
+                flush=True,
+            )
+            enough_files(FANOUT_OBSERVERS)
+            async with gateway(workdir, "fanout", observers=2 * FANOUT_OBSERVERS) as server:
+                fanned, device, drops = await fan_out(server)
+                acked(server.db, "cbor", device)
+            show_fanout("gateway", fanned, drops)
+            runs = [("gateway", fanned, drops)]
+            bare_fanout = {}
+            for kind in ("aiocoap-observe", "aiocoap-observe-non"):
+                async with baseline(kind, workdir) as server:
+                    bare_fanout[kind], _, drops = await fan_out(server)
+                show_fanout(kind, bare_fanout[kind], drops)
+                runs.append((kind, bare_fanout[kind], drops))
+            bare_con, bare_non = bare_fanout["aiocoap-observe"], bare_fanout["aiocoap-observe-non"]
+            what = f"notifications/s, {FANOUT_OBSERVERS} observers"
+            con, non = "bare aiocoap (CON, default)", "bare aiocoap (NON notif.)"
+            report.add("5", what, fanned.rate, "notif./s", con, bare_con.rate)
+            report.add("5", what, fanned.rate, "notif./s", non, bare_non.rate)
+            what = "notifications/s in the median round"
+            report.add(
+                "5", what, fanned.median_round_rate, "notif./s", con, bare_con.median_round_rate
+            )
+            report.add(
+                "5", what, fanned.median_round_rate, "notif./s", non, bare_non.median_round_rate
+            )
+            for p in (50, 99):
+                report.add(
+                    "5",
+                    f"p{p} post -> all {FANOUT_OBSERVERS} observers notified",
+                    percentile_ms(fanned.latencies, p),
+                    "ms",
+                    non,
+                    percentile_ms(bare_non.latencies, p),
+                )
+            for label, run, drops in runs:
+                slow = sum(seconds > 1.0 for seconds in run.latencies)
+                if run.missing or run.lost or run.ended or run.failed or slow:
+                    report.note(
+                        f"5, {label}: {slow} of {run.readings} rounds over 1 s;"
+                        f" {run.missing} notifications missing after {FANOUT_WAIT:.0f} s"
+                        f" in {run.incomplete} rounds, {run.lost} lost (Observe-number gaps),"
+                        f" {run.duplicates} duplicates (retransmitted CONs), {run.ended}"
+                        f" observations ended, {run.failed} readings not answered 2.04;"
+                        f" {drops} datagrams dropped for full receive buffers (machine-wide)"
+                    )
 
         # --- 6. relay catch-up -------------------------------------------------------------
         if wanted("6"):
@@ -733,7 +948,6 @@ async def main() -> int:
 
         print(f"({time.monotonic() - started:.0f} s)")
         missing = verify(acknowledged)
-    report.note("5. Observe fan-out: bench/observe_fanout.py (separate, in-process)")
     if path := os.environ.get("BENCH_JSON"):
         Path(path).write_text(
             json.dumps(
