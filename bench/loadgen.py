@@ -304,8 +304,8 @@ class Stats:
 
     @property
     def rate(self) -> float:
-        """Requests answered with success per second."""
-        ok = self.codes["2.04"] + self.codes["2.01"]
+        """Requests answered with success (2.04, 2.01, or 2.05 to a GET) per second."""
+        ok = self.codes["2.04"] + self.codes["2.01"] + self.codes["2.05"]
         return ok / self.duration if self.duration else 0.0
 
     @property
