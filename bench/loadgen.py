@@ -775,6 +775,7 @@ class FanoutStats:
     observers: int = 0  # observations live at the start
     readings: int = 0  # readings posted and answered 2.04
     failed: int = 0  # readings not answered 2.04 (no round waited for them)
+    retransmitted: int = 0  # readings the device had to send again (no answer in time)
     notifications: int = 0  # first notifications of a reading at an observer
     duration: float = 0.0  # from each post to its round's last notification, summed
     incomplete: int = 0  # rounds in which some observer got nothing within the wait
@@ -804,6 +805,7 @@ class FanoutStats:
             f" p99 {rounds.percentile(99):6.1f} ms  missing {self.missing}"
             f" in {self.incomplete} rounds  lost {self.lost}  confirmable {self.confirmable}"
             f"  duplicates {self.duplicates}  ended {self.ended}  failed posts {self.failed}"
+            f"  retransmitted posts {self.retransmitted}"
         )
 
 
@@ -840,6 +842,7 @@ async def fanout(
             stats.observers = observers.notifications.observing
         started = observers.expect_round()
         posted = await device.run(Limited(readings, 1), window=1)
+        stats.retransmitted += measuring and posted.retransmissions > 0
         if posted.codes.get("2.04", 0) != 1:
             stats.failed += measuring
             continue

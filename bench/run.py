@@ -868,7 +868,8 @@ async def main() -> int:
                 slow = sum(seconds > 1.0 for seconds in run.latencies)
                 if run.missing or run.lost or run.ended or run.failed or slow:
                     report.note(
-                        f"5, {label}: {slow} of {run.readings} rounds over 1 s;"
+                        f"5, {label}: {slow} of {run.readings} rounds over 1 s"
+                        f" ({run.retransmitted} readings sent twice by the device);"
                         f" {run.missing} notifications missing after {FANOUT_WAIT:.0f} s"
                         f" in {run.incomplete} rounds, {run.lost} lost (Observe-number gaps),"
                         f" {run.duplicates} duplicates (retransmitted CONs), {run.ended}"
