@@ -40,7 +40,7 @@ format: $(STAMP)
 	$(BIN)/ruff format gateway device_sim tests
 
 # Figures against baselines measured in the same run (docs/performance.md); BENCH_QUICK=1
-# for a ~30 s smoke run.
+# for a smoke run of about 1.5 minutes; BENCH_ONLY=4,5 for only those figures.
 bench: $(STAMP)
 	$(BIN)/python bench/run.py
 

@@ -3,6 +3,14 @@
 - `aiocoap`: a bare aiocoap server with the default transport and a `Site`, whose `/r/NAME`
   resource only decodes the CBOR payload and answers 2.04: what aiocoap costs by itself
   (its `/rd` answers 2.01 and stores nothing, a baseline for registration rates).
+- `aiocoap-observe`: a bare aiocoap server for the Observe figures. `POST /rd?ep=NAME`
+  adds a stock `aiocoap.resource.ObservableResource` at `/r/NAME` (2.01; a second
+  registration of the name keeps it); its `GET` answers 2.05 with the last reading's CBOR
+  payload and can be observed; its `POST` keeps the payload and calls `updated_state()`,
+  so each observer gets a notification rendered by `GET`. Notifications are aiocoap's
+  default: confirmable, as the observe requests were. `aiocoap-observe-non` is the same
+  with non-confirmable notifications (`transport_tuning=aiocoap.Unreliable`; the first
+  answer still goes piggybacked in the ACK), as the gateway sends most of them.
 - `minimal`: an asyncio UDP responder answering every CON with a piggybacked, empty 2.04
   ACK: the ceiling for Python on this machine.
 
@@ -74,6 +82,51 @@ async def serve_aiocoap(port: int, stop: asyncio.Event) -> None:
     await context.shutdown()
 
 
+async def serve_aiocoap_observe(port: int, stop: asyncio.Event, *, confirmable: bool) -> None:
+    import aiocoap
+    import aiocoap.resource
+    import cbor2
+
+    class Device(aiocoap.resource.ObservableResource):  # type: ignore[misc]
+        def __init__(self) -> None:
+            super().__init__()
+            self.latest = cbor2.dumps({})
+
+        async def render_get(self, request: aiocoap.Message) -> aiocoap.Message:
+            tuning = aiocoap.Reliable if confirmable else aiocoap.Unreliable
+            return aiocoap.Message(
+                code=aiocoap.CONTENT,
+                payload=self.latest,
+                content_format=60,
+                transport_tuning=tuning,
+            )
+
+        async def render_post(self, request: aiocoap.Message) -> aiocoap.Message:
+            cbor2.loads(request.payload)
+            self.latest = request.payload
+            self.updated_state()
+            return aiocoap.Message(code=aiocoap.CHANGED)
+
+    class Directory(aiocoap.resource.Resource):  # type: ignore[misc]
+        async def render_post(self, request: aiocoap.Message) -> aiocoap.Message:
+            query = dict(item.partition("=")[::2] for item in request.opt.uri_query)
+            name = query.get("ep")
+            if not name:
+                return aiocoap.Message(code=aiocoap.BAD_REQUEST)
+            if name not in devices:
+                devices[name] = Device()
+                site.add_resource(("r", name), devices[name])
+            return aiocoap.Message(code=aiocoap.CREATED, location_path=("rd", name))
+
+    devices: dict[str, Device] = {}
+    site = aiocoap.resource.Site()
+    site.add_resource(("rd",), Directory())
+    context = await aiocoap.Context.create_server_context(site, bind=("127.0.0.1", port))
+    print("ready", flush=True)
+    await stop.wait()
+    await context.shutdown()
+
+
 PAYLOAD = bytes(range(100)) + b"relay-sized message"  # about an encoded reading
 BATCH = 100
 
@@ -128,8 +181,13 @@ async def main(kind: str, port: int) -> None:
         await serve_minimal(port, stop)
     elif kind == "aiocoap":
         await serve_aiocoap(port, stop)
+    elif kind in ("aiocoap-observe", "aiocoap-observe-non"):
+        await serve_aiocoap_observe(port, stop, confirmable=kind == "aiocoap-observe")
     else:
-        raise SystemExit(f"unknown baseline {kind!r}: use minimal or aiocoap")
+        raise SystemExit(
+            f"unknown baseline {kind!r}: use minimal, aiocoap, aiocoap-observe"
+            " or aiocoap-observe-non"
+        )
 
 
 if __name__ == "__main__":

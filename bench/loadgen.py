@@ -7,6 +7,15 @@ token counters). Responses are matched by (socket, message id) for ACKs and by (
 token) for separate responses; an empty ACK stops retransmission and the separate CON
 response that follows is acknowledged, as RFC 7252 asks.
 
+A socket can also observe a resource (RFC 7641): the `Observations` workload sends a GET
+with Observe: 0 from each socket for its own name. A 2.05 answer that carries an Observe
+option (piggybacked or separate) keeps the request's token registered on that socket; every
+later message with that token is a notification, counted, its Observe sequence number
+checked for gaps (notifications lost on the way), and acknowledged when it is confirmable,
+since a server drops an observer that leaves a confirmable notification unacknowledged.
+`fanout` drives one device's readings through one socket while the observing sockets count
+the notifications of each reading.
+
 Use it as a library:
 
     workload = CborReadings(names)
@@ -37,10 +46,13 @@ import cbor2
 
 # RFC 7252 message types and the codes the generator needs.
 CON, NON, ACK, RST = 0, 1, 2, 3
+GET = 0x01
 POST = 0x02
 CHANGED = 0x44  # 2.04
 CREATED = 0x41  # 2.01
+CONTENT = 0x45  # 2.05
 
+OPT_OBSERVE = 6
 OPT_URI_PATH = 11
 OPT_CONTENT_FORMAT = 12
 OPT_URI_QUERY = 15
@@ -80,8 +92,45 @@ def encode_options(options: Iterable[tuple[int, bytes]]) -> bytes:
     return bytes(out)
 
 
+def _uint(value: int) -> bytes:
+    """An option's uint value: as few bytes as it needs, none for 0 (RFC 7252 §3.2)."""
+    return value.to_bytes((value.bit_length() + 7) // 8, "big")
+
+
 def content_format(cf: int) -> bytes:
-    return cf.to_bytes((cf.bit_length() + 7) // 8, "big")
+    return _uint(cf)
+
+
+def observe_option(data: bytes) -> int | None:
+    """The Observe value of a received message, or None when it has no Observe option."""
+    index = 4 + (data[0] & 0x0F)
+    number = 0
+    end = len(data)
+    while index < end:
+        first = data[index]
+        if first == 0xFF:
+            return None
+        index += 1
+        delta, length = first >> 4, first & 0x0F
+        if delta == 13:
+            delta = data[index] + 13
+            index += 1
+        elif delta == 14:
+            delta = ((data[index] << 8) | data[index + 1]) + 269
+            index += 2
+        if length == 13:
+            length = data[index] + 13
+            index += 1
+        elif length == 14:
+            length = ((data[index] << 8) | data[index + 1]) + 269
+            index += 2
+        number += delta
+        if number == OPT_OBSERVE:
+            return int.from_bytes(data[index : index + length], "big")
+        if number > OPT_OBSERVE:
+            return None
+        index += length
+    return None
 
 
 def request_body(
@@ -90,9 +139,12 @@ def request_body(
     *,
     cf: int | None = None,
     query: Sequence[str] = (),
+    observe: int | None = None,
 ) -> bytes:
     """Options plus payload of a request: everything after header and token."""
     options = [(OPT_URI_PATH, part.encode()) for part in path]
+    if observe is not None:
+        options.append((OPT_OBSERVE, _uint(observe)))
     options += [(OPT_URI_QUERY, item.encode()) for item in query]
     if cf is not None:
         options.append((OPT_CONTENT_FORMAT, content_format(cf)))
@@ -100,8 +152,9 @@ def request_body(
     return body + b"\xff" + payload if payload else body
 
 
-#: Source ports used by the generators of this process (see `LoadGenerator._fresh_socket`).
-_USED_PORTS: set[int] = set()
+#: Source ports the generators of this process used, per target address
+#: (see `LoadGenerator._fresh_socket`).
+_USED_PORTS: dict[tuple[str, int], set[int]] = {}
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +164,9 @@ class Request:
     body: bytes  # options (+ 0xFF + payload)
     key: Any  # recorded when the request is answered 2.04 (or 2.01), for verification
     readings: int = 1
+    code: int = POST
+    #: A GET with Observe: 0; a 2.05 answer with an Observe option starts an observation.
+    observe: bool = False
 
 
 class Workload(Protocol):
@@ -205,6 +261,30 @@ class Registrations:
         return Request(request_body(("rd",), query=query), name, 1)
 
 
+class Observations:
+    """`GET /r/NAME` with Observe: 0, once from each socket: socket `slot` observes
+    `names[slot]` with a token of its own.
+
+    `run` hands out idle sockets in slot order, so in a run on a generator whose sockets
+    are all idle the first `len(names)` requests go out from sockets 0, 1, ... in turn (as
+    `Registrations` registers `names[i]` from socket i); a socket asked twice is an error.
+    Names may repeat: 1,000 sockets can observe one device.
+    """
+
+    def __init__(self, names: Sequence[str], *, prefix: str = "r") -> None:
+        self._bodies = [request_body((prefix, name), observe=0) for name in names]
+        self._names = list(names)
+        self._asked: set[int] = set()
+
+    def next(self, slot: int) -> Request | None:
+        if len(self._asked) == len(self._names):
+            return None
+        if slot in self._asked or slot >= len(self._names):
+            raise RuntimeError(f"socket {slot} asked twice for an observation")
+        self._asked.add(slot)
+        return Request(self._bodies[slot], self._names[slot], 1, GET, observe=True)
+
+
 @dataclass
 class Stats:
     """One run's figures. `duration` is the measured interval (after warm-up)."""
@@ -218,14 +298,19 @@ class Stats:
     separate: int = 0
     lost: int = 0  # no answer after every retransmission (whole run)
     skipped: int = 0  # open loop: sends the window had no room for
+    observations: int = 0  # 2.05 answers with an Observe option: observations started
     codes: Counter[str] = field(default_factory=Counter)
     latencies: list[float] = field(default_factory=list)  # seconds, measured interval
 
     @property
     def rate(self) -> float:
-        """Requests answered with success per second."""
-        ok = self.codes["2.04"] + self.codes["2.01"]
+        """Requests answered with success (2.04, 2.01, or 2.05 to a GET) per second."""
+        ok = self.codes["2.04"] + self.codes["2.01"] + self.codes["2.05"]
         return ok / self.duration if self.duration else 0.0
+
+    @property
+    def observation_rate(self) -> float:
+        return self.observations / self.duration if self.duration else 0.0
 
     @property
     def readings_rate(self) -> float:
@@ -250,6 +335,11 @@ class Stats:
             f"  p50 {self.percentile(50):6.2f} ms  p99 {self.percentile(99):6.2f} ms"
             f"  p99.9 {self.percentile(99.9):6.2f} ms  piggybacked {self.piggyback_share:6.1%}"
             f"  lost {self.lost}  codes {dict(self.codes)}"
+            + (
+                f"  observing {self.observations} ({self.observation_rate:.0f}/s)"
+                if self.observations
+                else ""
+            )
         )
 
 
@@ -269,8 +359,42 @@ class _Pending:
         self.waiting = False  # empty ACK seen: no more retransmissions, wait for the response
 
 
+@dataclass
+class Notifications:
+    """What the observing sockets of one generator received (whole life, all runs)."""
+
+    observing: int = 0  # observations started (2.05 with Observe) and not ended
+    received: int = 0  # notifications, not counting the answers that started observations
+    confirmable: int = 0  # of them confirmable (each one acknowledged)
+    duplicates: int = 0  # notifications whose Observe number was seen already
+    ended: int = 0  # observations the server ended (an error, or an answer without Observe)
+    lost_before_end: int = 0  # gaps in the Observe numbers of observations that ended
+
+    def lost(self, gen: LoadGenerator) -> int:
+        """Notifications the server numbered but that never arrived: gaps in each
+        observation's Observe numbers (the last ones of a run are not seen as gaps)."""
+        return self.lost_before_end + sum(
+            observation.gaps() for sock in gen._sockets for observation in sock.observing.values()
+        )
+
+
+class _Observation:
+    __slots__ = ("count", "first", "highest", "key", "round", "seen")
+
+    def __init__(self, key: Any, first: int) -> None:
+        self.key = key
+        self.first = first  # Observe number of the answer that started it
+        self.highest = first
+        self.count = 0  # distinct notifications received
+        self.round = 0  # the last fan-out round it was notified in
+        self.seen: set[int] = set()  # Observe numbers above `first` received so far
+
+    def gaps(self) -> int:
+        return self.highest - self.first - self.count
+
+
 class _Socket(asyncio.DatagramProtocol):
-    __slots__ = ("by_mid", "by_token", "gen", "mid", "slot", "token", "transport")
+    __slots__ = ("by_mid", "by_token", "gen", "mid", "observing", "slot", "token", "transport")
 
     def __init__(self, gen: LoadGenerator, slot: int) -> None:
         self.gen = gen
@@ -280,6 +404,7 @@ class _Socket(asyncio.DatagramProtocol):
         self.transport: Any = None
         self.by_mid: dict[int, _Pending] = {}
         self.by_token: dict[bytes, _Pending] = {}
+        self.observing: dict[bytes, _Observation] = {}
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
@@ -312,6 +437,13 @@ class LoadGenerator:
         self.errors = 0
         #: Keys of every request answered 2.04/2.01 during this generator's life (all runs).
         self.acknowledged: list[Any] = []
+        self.notifications = Notifications()
+        # Fan-out rounds (`expect_round`): observations not yet notified in this round.
+        self._round = 0
+        self._round_left = 0
+        self._round_notified = 0
+        self._round_done = asyncio.Event()
+        self._round_last = 0.0  # perf_counter() of this round's latest first notification
         #: When set, key -> perf_counter() of the request's first transmission.
         self.sent_at: dict[Any, float] | None = None
 
@@ -321,15 +453,20 @@ class LoadGenerator:
         return self
 
     async def _fresh_socket(self, slot: int) -> _Socket:
-        """A socket on a source port no earlier generator of this process used.
+        """A socket on a source port no earlier generator of this process used towards
+        the same target.
 
         A server answers a request whose (source, message id) it saw within
         EXCHANGE_LIFETIME (247 s) from its deduplication cache, without processing it
         (RFC 7252 §4.5). A real device never reuses a message id that soon; a load
         generator that got a recycled ephemeral port could, and would count a cached
-        2.04 as an acknowledged reading that was never stored.
+        2.04 as an acknowledged reading that was never stored. Ports are remembered per
+        target, not for all: the benchmark opens some 30,000 sockets in one run (10,000
+        devices against the gateway and again against a baseline), more than the
+        ephemeral range has ports, and a server on another address has its own cache.
         """
         loop = asyncio.get_running_loop()
+        used = _USED_PORTS.setdefault(self._target, set())
         held: list[asyncio.DatagramTransport] = []
         try:
             while True:
@@ -338,8 +475,8 @@ class LoadGenerator:
                     lambda sock=sock: sock, local_addr=("127.0.0.1", 0), remote_addr=self._target
                 )
                 port = transport.get_extra_info("sockname")[1]
-                if port not in _USED_PORTS:
-                    _USED_PORTS.add(port)
+                if port not in used:
+                    used.add(port)
                     return sock
                 held.append(transport)  # keep it bound so the kernel offers another port
         finally:
@@ -375,7 +512,7 @@ class LoadGenerator:
             self.sent_at[request.key] = now
         if self._measuring:
             self._stats.sent += 1
-        sock.transport.sendto(_datagram(CON, POST, mid, token, request.body))
+        sock.transport.sendto(_datagram(CON, request.code, mid, token, request.body))
         return True
 
     def _fill(self, window: int) -> None:
@@ -400,26 +537,87 @@ class LoadGenerator:
                 pending.waiting = True
                 pending.deadline = time.perf_counter() + self._ack_timeout * (MAX_RETRANSMIT + 2)
             else:
-                self._complete(sock, pending, code_text(code), piggybacked=True)
+                self._complete(sock, pending, code_text(code), piggybacked=True, data=data)
             return
-        # A separate response (CON or NON) carries our token.
+        # A separate response or a notification (CON or NON) carries our token.
         if mtype == CON:
             sock.transport.sendto(struct.pack("!BBH", 0x60, 0, mid))
         token = data[4 : 4 + tkl]
         pending = sock.by_token.get(token)
-        if pending is not None and code != 0:
-            self._complete(sock, pending, code_text(code), piggybacked=False)
+        if pending is not None:
+            if code != 0:
+                self._complete(sock, pending, code_text(code), piggybacked=False, data=data)
+            return
+        observation = sock.observing.get(token)
+        if observation is not None and code != 0:
+            self._notified(sock, token, observation, code, data, confirmable=mtype == CON)
 
-    def _complete(self, sock: _Socket, pending: _Pending, code: str, *, piggybacked: bool) -> None:
+    def _notified(
+        self,
+        sock: _Socket,
+        token: bytes,
+        observation: _Observation,
+        code: int,
+        data: bytes,
+        *,
+        confirmable: bool,
+    ) -> None:
+        counts = self.notifications
+        number = observe_option(data)
+        if number is None or code >> 5 != 2:
+            # RFC 7641 §3.2/§4.2: an error, or a response without Observe, ends it.
+            del sock.observing[token]
+            counts.observing -= 1
+            counts.ended += 1
+            counts.lost_before_end += observation.gaps()
+            self._notify_round(observation, notified=False)
+            return
+        if number <= observation.first or number in observation.seen:
+            counts.duplicates += 1  # a retransmitted CON notification, or one reordered
+            return
+        observation.seen.add(number)
+        observation.count += 1
+        observation.highest = max(observation.highest, number)
+        counts.received += 1
+        counts.confirmable += confirmable
+        self._notify_round(observation, notified=True)
+
+    def _notify_round(self, observation: _Observation, *, notified: bool) -> None:
+        if observation.round < self._round:
+            observation.round = self._round
+            if notified:
+                self._round_notified += 1
+                self._round_last = time.perf_counter()
+            self._round_left -= 1
+            if self._round_left <= 0:
+                self._round_done.set()
+
+    def _complete(
+        self,
+        sock: _Socket,
+        pending: _Pending,
+        code: str,
+        *,
+        piggybacked: bool,
+        data: bytes = b"",
+    ) -> None:
         del sock.by_mid[pending.mid]
         del sock.by_token[pending.token]
         self._inflight -= 1
         success = code in ("2.04", "2.01")
         if success:
             self.acknowledged.append(pending.request.key)
+        observing = False
+        if pending.request.observe and code == "2.05":
+            number = observe_option(data)
+            if number is not None:
+                sock.observing[pending.token] = _Observation(pending.request.key, number)
+                self.notifications.observing += 1
+                observing = True
         if self._measuring:
             stats = self._stats
             stats.completed += 1
+            stats.observations += observing
             stats.codes[code] += 1
             stats.latencies.append(time.perf_counter() - pending.first_sent)
             if piggybacked:
@@ -456,8 +654,9 @@ class LoadGenerator:
                     pending.tries += 1
                     pending.deadline = now + self._ack_timeout * (2**pending.tries)
                     self._stats.retransmissions += 1
+                    request = pending.request
                     sock.transport.sendto(
-                        _datagram(CON, POST, pending.mid, pending.token, pending.request.body)
+                        _datagram(CON, request.code, pending.mid, pending.token, request.body)
                     )
             if self._refill:
                 self._fill(self._window)
@@ -520,6 +719,29 @@ class LoadGenerator:
         self._stats.lost += self._inflight
         return self._stats
 
+    # --- fan-out rounds ------------------------------------------------------------------
+
+    def expect_round(self) -> float:
+        """Start a round: every current observation is to be notified once more; returns
+        the round's start (perf_counter)."""
+        self._round += 1
+        self._round_left = self.notifications.observing
+        self._round_notified = 0
+        self._round_done.clear()
+        now = self._round_last = time.perf_counter()
+        if self._round_left <= 0:
+            self._round_done.set()
+        return now
+
+    async def round_complete(self, within: float) -> tuple[int, int, float]:
+        """Wait until every observation got a notification in this round (or ended), or
+        `within` seconds have passed; returns (observations notified, observations left
+        without a notification, perf_counter of the round's last first notification)."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(within):
+                await self._round_done.wait()
+        return self._round_notified, max(0, self._round_left), self._round_last
+
     async def _open_loop(
         self, rate: float, window: int, duration: float | None, warmup: float
     ) -> float:
@@ -544,6 +766,100 @@ class LoadGenerator:
                     self._stats.skipped += 1
             await asyncio.sleep(tick)
         return started
+
+
+@dataclass
+class FanoutStats:
+    """Notifications of one device's readings at its observers, measured interval only."""
+
+    observers: int = 0  # observations live at the start
+    readings: int = 0  # readings posted and answered 2.04
+    failed: int = 0  # readings not answered 2.04 (no round waited for them)
+    retransmitted: int = 0  # readings the device had to send again (no answer in time)
+    notifications: int = 0  # first notifications of a reading at an observer
+    duration: float = 0.0  # from each post to its round's last notification, summed
+    incomplete: int = 0  # rounds in which some observer got nothing within the wait
+    missing: int = 0  # (reading, observer) pairs without a notification
+    lost: int = 0  # gaps in Observe numbers, whole run
+    confirmable: int = 0  # confirmable notifications, whole run
+    duplicates: int = 0  # notifications received again (retransmitted CONs), whole run
+    ended: int = 0  # observations the server ended, whole run
+    latencies: list[float] = field(default_factory=list)  # post -> last observer, seconds
+
+    @property
+    def rate(self) -> float:
+        return self.notifications / self.duration if self.duration else 0.0
+
+    @property
+    def median_round_rate(self) -> float:
+        """Observers notified per second in the median round: the rate without the rounds
+        that waited for retransmissions."""
+        median = Stats(latencies=self.latencies).percentile(50) / 1000
+        return self.observers / median if median > 0 else 0.0
+
+    def summary(self) -> str:
+        rounds = Stats(latencies=self.latencies)
+        return (
+            f"{self.rate:9.0f} notifications/s  {self.readings} readings x {self.observers}"
+            f" observers  round p50 {rounds.percentile(50):6.1f} ms"
+            f" p99 {rounds.percentile(99):6.1f} ms  missing {self.missing}"
+            f" in {self.incomplete} rounds  lost {self.lost}  confirmable {self.confirmable}"
+            f"  duplicates {self.duplicates}  ended {self.ended}  failed posts {self.failed}"
+            f"  retransmitted posts {self.retransmitted}"
+        )
+
+
+async def fanout(
+    device: LoadGenerator,
+    observers: LoadGenerator,
+    readings: Workload,
+    *,
+    duration: float,
+    warmup: float = 0.0,
+    wait: float = 2.0,
+    min_rounds: int = 1,
+) -> FanoutStats:
+    """Post readings one after another from `device` (a generator with one socket) while
+    `observers` (whose sockets observe that device) count notifications.
+
+    Each round posts one reading (Confirmable, until its 2.04) and waits until every
+    observation has been notified once more, or `wait` seconds. A round lasts from the
+    post to the last observer's notification, so the time spent waiting for a notification
+    that was lost does not count; the missing ones are reported. Rounds start for `warmup`
+    seconds unmeasured, then for `duration` seconds measured and at least `min_rounds`
+    measured rounds (a post not answered 2.04 counts as a round, with no notifications).
+    """
+    stats = FanoutStats(observers=observers.notifications.observing)
+    loop = asyncio.get_running_loop()
+    begin = loop.time()
+    measuring = warmup <= 0
+    while True:
+        elapsed = loop.time() - begin
+        if elapsed >= warmup + duration and stats.readings + stats.failed >= min_rounds:
+            break
+        if not measuring and elapsed >= warmup:
+            measuring = True
+            stats.observers = observers.notifications.observing
+        started = observers.expect_round()
+        posted = await device.run(Limited(readings, 1), window=1)
+        stats.retransmitted += measuring and posted.retransmissions > 0
+        if posted.codes.get("2.04", 0) != 1:
+            stats.failed += measuring
+            continue
+        notified, missing, last = await observers.round_complete(wait)
+        if measuring:
+            stats.readings += 1
+            stats.notifications += notified
+            stats.duration += last - started
+            stats.latencies.append(last - started)
+            stats.missing += missing
+            stats.incomplete += missing > 0
+    counts = observers.notifications
+    stats.lost = counts.lost(observers)
+    stats.confirmable = counts.confirmable
+    stats.duplicates = counts.duplicates
+    stats.ended = counts.ended
+    return stats
 
 
 def _datagram(mtype: int, code: int, mid: int, token: bytes, body: bytes) -> bytes:

@@ -12,7 +12,8 @@ stored. The run exits 1 if one is missing.
 
 Environment: BENCH_QUICK=1 for a short smoke run; BENCH_JSON=path to also write the figures
 as JSON; BENCH_DURATION seconds per measurement; BENCH_BACKLOG outbox entries for the relay
-catch-up figure (default 20,000; the issue's figure is 100,000).
+catch-up figure (default 20,000; the issue's figure is 100,000); BENCH_ONLY=4,5 to run only
+those figures (a ratio whose baseline belongs to a figure not run is left out).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import contextlib
 import json
 import os
 import platform
+import resource
 import signal
 import socket
 import sqlite3
@@ -36,12 +38,15 @@ from typing import Any
 
 from loadgen import (
     CborReadings,
+    FanoutStats,
     Limited,
     LoadGenerator,
+    Observations,
     Registrations,
     SenmlPacks,
     Stats,
     device_names,
+    fanout,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,11 +57,25 @@ DURATION = float(os.environ.get("BENCH_DURATION", 2.0 if QUICK else 8.0))
 WARMUP = 0.5 if QUICK else 2.0
 DEVICES = 200  # sockets, one per device, for the ingest figures
 WINDOW = 32  # requests in flight in closed-loop runs
-SCALE_DEVICES = 1_000 if QUICK else 10_000
+SCALE_DEVICES = 1_000 if QUICK else 10_000  # figure 4: devices, each observed once
+SCALE_TARGET_MB = 300.0  # figure 4's target: 10,000 devices under 300 MB RSS
+FANOUT_OBSERVERS = 1_000  # figure 5: observers of one device, one socket each
+# Seconds a fan-out round waits for a notification that may be lost: long enough for a
+# confirmable one to be retransmitted (ACK_TIMEOUT 2 s x ACK_RANDOM_FACTOR 1.5, RFC 7252).
+FANOUT_WAIT = 5.0
+FANOUT_MIN_ROUNDS = 3  # measured rounds at least, however slow the server's rounds are
 BACKLOG = int(os.environ.get("BENCH_BACKLOG", 2_000 if QUICK else 20_000))
 DRAIN_TIMEOUT = 30.0 if QUICK else 90.0
+ONLY = frozenset(
+    item.strip() for item in os.environ.get("BENCH_ONLY", "").split(",") if item.strip()
+)
 MOSQUITTO = "/usr/sbin/mosquitto"
 NATS_SERVER = "/usr/sbin/nats-server"
+
+
+def wanted(*figures: str) -> bool:
+    """Whether any of `figures` is to run (all are unless BENCH_ONLY names some)."""
+    return not ONLY or not ONLY.isdisjoint(figures)
 
 
 def cpus() -> tuple[int | None, int | None]:
@@ -76,6 +95,16 @@ def free_port(kind: int = socket.SOCK_DGRAM) -> int:
     with socket.socket(socket.AF_INET, kind) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def udp_buffer_drops() -> int:
+    """Datagrams the kernel dropped because a socket's receive buffer was full, counted
+    over the whole machine since boot (Linux: /proc/net/snmp RcvbufErrors); -1 if unknown."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        with open("/proc/net/snmp") as fh:
+            rows = [line.split() for line in fh if line.startswith("Udp:")]
+        return int(rows[1][rows[0].index("RcvbufErrors")])
+    return -1
 
 
 def rss_mb(pid: int) -> float:
@@ -246,7 +275,12 @@ def sink_toml(sink: Broker) -> list[str]:
 
 
 def gateway_argv(
-    workdir: Path, tag: str, *, sink: Broker | None = None, level: str = "warning"
+    workdir: Path,
+    tag: str,
+    *,
+    sink: Broker | None = None,
+    level: str = "warning",
+    observers: int | None = None,
 ) -> tuple[list[str], int, Path]:
     """Command line, port and database of a gateway with its own config file."""
     port = free_port()
@@ -258,6 +292,10 @@ def gateway_argv(
     # per-device rate limits above the load (they are still checked on every request).
     lines += ["[security]", "source_rate = 1000.0", "source_burst = 2000.0"]
     lines += ["device_rate = 1000.0", "device_burst = 2000.0"]
+    if observers is not None:
+        # Figures 4 and 5 hold more observations than the default bound (1,000 in all);
+        # each observer is its own socket, so the per-peer bound (16) stays.
+        lines += [f"max_observers = {observers}"]
     if sink is not None:
         # Fast retries, no give-up: the catch-up figure starts its broker after filling the
         # outbox and wants the drain to start when the broker does.
@@ -270,8 +308,15 @@ def gateway_argv(
     return [sys.executable, "-m", "gateway", "serve", "--config", str(config)], port, db
 
 
-def gateway(workdir: Path, tag: str, *, sink: Broker | None = None, level: str = "warning") -> Any:
-    argv, port, db = gateway_argv(workdir, tag, sink=sink, level=level)
+def gateway(
+    workdir: Path,
+    tag: str,
+    *,
+    sink: Broker | None = None,
+    level: str = "warning",
+    observers: int | None = None,
+) -> Any:
+    argv, port, db = gateway_argv(workdir, tag, sink=sink, level=level, observers=observers)
     return running("gateway", argv, port, workdir / f"{tag}.log", db)
 
 
@@ -424,6 +469,81 @@ def percentile_ms(values: list[float], p: float) -> float:
     return Stats(latencies=values).percentile(p)
 
 
+def enough_files(sockets: int) -> None:
+    """Raise the open-files limit to what `sockets` load generator sockets need."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = sockets + 1_000
+    if soft != resource.RLIM_INFINITY and soft < need:
+        limit = need if hard == resource.RLIM_INFINITY else min(need, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
+
+
+@dataclass
+class Scale:
+    """Figure 4 on one server: RSS (MB) idle, with the devices, with their observations."""
+
+    idle: float
+    registered: float
+    observed: float
+    registrations: Stats
+    observations: Stats
+
+    def per_device_kb(self, rss: float) -> float:
+        return (rss - self.idle) * 1024 / SCALE_DEVICES
+
+
+async def scale(server: Server, prefix: str) -> Scale:
+    """Register SCALE_DEVICES devices, each from its own socket, then observe each one's
+    `/r/NAME` from that socket; the server's RSS before, between and after."""
+    names = device_names(SCALE_DEVICES, prefix=prefix)
+    idle = rss_mb(server.pid)
+    async with LoadGenerator(("127.0.0.1", server.port), sockets=SCALE_DEVICES) as gen:
+        registrations = await gen.run(Registrations(names), window=WINDOW)
+        registered = rss_mb(server.pid)
+        observations = await gen.run(Observations(names), window=WINDOW)
+        observed = rss_mb(server.pid)  # while every observation is live
+    return Scale(idle, registered, observed, registrations, observations)
+
+
+async def fan_out(server: Server) -> tuple[FanoutStats, LoadGenerator, int]:
+    """FANOUT_OBSERVERS sockets observe one device's `/r/NAME`; the device posts readings
+    one after another (figure 5). Returns the figures, the device's generator and the
+    datagrams dropped meanwhile for full receive buffers (machine-wide)."""
+    name = "fan-00000"
+    target = ("127.0.0.1", server.port)
+    async with (
+        LoadGenerator(target, sockets=1) as device,
+        LoadGenerator(target, sockets=FANOUT_OBSERVERS) as observers,
+    ):
+        registered = await device.run(Registrations([name]), window=1)
+        if registered.codes.get("2.01") != 1:
+            raise RuntimeError(f"{server.name}: fan-out device not registered: {registered.codes}")
+        started = await observers.run(Observations([name] * FANOUT_OBSERVERS), window=WINDOW)
+        if started.observations != FANOUT_OBSERVERS:
+            raise RuntimeError(
+                f"{server.name}: {started.observations} of {FANOUT_OBSERVERS} observations"
+                f" started: {started.codes}"
+            )
+        drops = udp_buffer_drops()
+        stats = await fanout(
+            device,
+            observers,
+            CborReadings([name]),
+            duration=DURATION,
+            warmup=WARMUP,
+            wait=FANOUT_WAIT,
+            min_rounds=FANOUT_MIN_ROUNDS,
+        )
+        drops = udp_buffer_drops() - drops if drops >= 0 else -1
+    return stats, device, drops
+
+
+def show_fanout(label: str, stats: FanoutStats, drops: int) -> None:
+    rounds = ", ".join(f"{seconds * 1000:.0f}" for seconds in stats.latencies)
+    print(f"    {label:<30} {stats.summary()}", flush=True)
+    print(f"    {'':<30} receive-buffer drops {drops}; rounds (ms): {rounds}", flush=True)
+
+
 async def main() -> int:
     if LOADGEN_CPU is not None:
         os.sched_setaffinity(0, {LOADGEN_CPU})
@@ -441,6 +561,7 @@ async def main() -> int:
     acknowledged: list[tuple[Path, str, Any]] = []  # (db, "cbor" | "senml", key)
     names = device_names(DEVICES)
     started = time.monotonic()
+    stored: Stats | None = None  # figure 1, store only: a baseline for figures 4 and 7
 
     def acked(db: Path | None, kind: str, gen: LoadGenerator, size: int = 1) -> None:
         assert db is not None
@@ -452,301 +573,427 @@ async def main() -> int:
         workdir = Path(tmp)
 
         # --- baselines -------------------------------------------------------------------
-        print("baselines: minimal UDP responder, bare aiocoap Site server", flush=True)
-        async with baseline("minimal", workdir) as server:
-            minimal, _ = await closed(server.port, CborReadings(names), names)
-        show("minimal responder", minimal)
-        async with baseline("aiocoap", workdir) as server:
-            bare, _ = await closed(server.port, CborReadings(names), names)
-            show("bare aiocoap", bare)
-            bare_packs = {}
-            for size in (10, 50):
-                bare_packs[size], _ = await closed(server.port, SenmlPacks(names, size), names)
-                show(f"bare aiocoap, packs of {size}", bare_packs[size])
-            bare_load = {}
-            for share in (0.5, 0.8):
-                bare_load[share], _ = await opened(
-                    server.port, CborReadings(names, start_seq=10**9), share * bare.rate
+        if wanted("1", "2", "3"):
+            print("baselines: minimal UDP responder, bare aiocoap Site server", flush=True)
+            async with baseline("minimal", workdir) as server:
+                minimal, _ = await closed(server.port, CborReadings(names), names)
+            show("minimal responder", minimal)
+            async with baseline("aiocoap", workdir) as server:
+                bare, _ = await closed(server.port, CborReadings(names), names)
+                show("bare aiocoap", bare)
+                bare_packs = {}
+                for size in (10, 50):
+                    bare_packs[size], _ = await closed(server.port, SenmlPacks(names, size), names)
+                    show(f"bare aiocoap, packs of {size}", bare_packs[size])
+                bare_load = {}
+                for share in (0.5, 0.8):
+                    bare_load[share], _ = await opened(
+                        server.port, CborReadings(names, start_seq=10**9), share * bare.rate
+                    )
+                    show(f"bare aiocoap at {share:.0%}", bare_load[share])
+                report.note(
+                    f"bare aiocoap's RSS after its runs: {rss_mb(server.pid):.1f} MB"
+                    " (its answer cache for deduplication; figure 4 compares idle servers)"
                 )
-                show(f"bare aiocoap at {share:.0%}", bare_load[share])
-            bare_rss = rss_mb(server.pid)
 
         # --- 1 + 2: ingest, store only -----------------------------------------------------
-        print("1. ingest (store only) and 2. SenML packs", flush=True)
-        async with gateway(workdir, "store") as server:
-            cpu_before = cpu_seconds(server.pid)
-            stored, gen = await closed(server.port, CborReadings(names), names, register=True)
-            cpu_per_request = (cpu_seconds(server.pid) - cpu_before) / max(1, len(gen.acknowledged))
-            acked(server.db, "cbor", gen)
-            show("gateway, store only", stored)
-            report.add(
-                "1",
-                "readings/s, stored (2.04), no relay",
-                stored.rate,
-                "readings/s",
-                "bare aiocoap Site",
-                bare.rate,
-            )
-            report.add(
-                "1",
-                "readings/s, stored (2.04), no relay",
-                stored.rate,
-                "readings/s",
-                "minimal UDP responder",
-                minimal.rate,
-            )
-            report.add(
-                "1",
-                "server CPU per request",
-                cpu_per_request * 1e6,
-                "us",
-                "1 / bare aiocoap rate",
-                1e6 / bare.rate,
-            )
-            for size in (10, 50):
-                packs, gen = await closed(
-                    server.port,
-                    SenmlPacks(names, size, base_time=1_700_000_000 + size * 10**7),
-                    names,
+        if wanted("1", "2"):
+            print("1. ingest (store only) and 2. SenML packs", flush=True)
+            async with gateway(workdir, "store") as server:
+                cpu_before = cpu_seconds(server.pid)
+                stored, gen = await closed(server.port, CborReadings(names), names, register=True)
+                cpu_per_request = (cpu_seconds(server.pid) - cpu_before) / max(
+                    1, len(gen.acknowledged)
                 )
-                acked(server.db, "senml", gen, size)
-                show(f"gateway, packs of {size}", packs)
-                report.add(
-                    "2",
-                    f"SenML packs of {size}: readings/s",
-                    packs.readings_rate,
-                    "readings/s",
-                    "bare aiocoap Site",
-                    bare_packs[size].readings_rate,
-                )
-                report.add(
-                    "2",
-                    f"SenML packs of {size}: piggybacked",
-                    packs.piggyback_share * 100,
-                    "%",
-                    "bare aiocoap Site",
-                    bare_packs[size].piggyback_share * 100,
-                )
-
-        # --- 1 + 3: full pipeline with the relay to MQTT -----------------------------------
-        print("1. ingest with relay to MQTT (QoS 1) and 3. latency at 50 % / 80 %", flush=True)
-        with broker("mqtt", workdir) as mqtt:
-            subscriber = Subscriber(mqtt.port)
-            listening = asyncio.create_task(subscriber.run(), name="bench.subscriber")
-            await asyncio.wait_for(subscriber.ready.wait(), 10)
-            async with gateway(workdir, "relay", sink=mqtt) as server:
-                assert server.db is not None
-                full, gen = await closed(server.port, CborReadings(names), names, register=True)
                 acked(server.db, "cbor", gen)
-                show("gateway, store + relay", full)
-                backlog = outbox_depth(server.db)
+                show("gateway, store only", stored)
                 report.add(
                     "1",
-                    "readings/s acknowledged, relay falling behind",
-                    full.rate,
+                    "readings/s, stored (2.04), no relay",
+                    stored.rate,
                     "readings/s",
                     "bare aiocoap Site",
                     bare.rate,
                 )
                 report.add(
                     "1",
-                    "readings/s acknowledged, relay falling behind",
-                    full.rate,
+                    "readings/s, stored (2.04), no relay",
+                    stored.rate,
                     "readings/s",
                     "minimal UDP responder",
                     minimal.rate,
                 )
                 report.add(
                     "1",
-                    "piggybacked share of answers",
-                    full.piggyback_share * 100,
-                    "%",
-                    "bare aiocoap Site",
-                    bare.piggyback_share * 100,
+                    "server CPU per request",
+                    cpu_per_request * 1e6,
+                    "us",
+                    "1 / bare aiocoap rate",
+                    1e6 / bare.rate,
                 )
-                report.add(
-                    "1",
-                    "p50 device->ack at saturation",
-                    full.percentile(50),
-                    "ms",
-                    "bare aiocoap Site",
-                    bare.percentile(50),
-                )
-                report.add(
-                    "1",
-                    "p99 device->ack at saturation",
-                    full.percentile(99),
-                    "ms",
-                    "bare aiocoap Site",
-                    bare.percentile(99),
-                )
-                drained = await wait_drained(server.db, DRAIN_TIMEOUT)
-                relayed = subscriber.messages
-                report.note(
-                    f"relay backlog after the saturation run: {backlog} entries; "
-                    + (
-                        f"drained in {drained:.1f} s"
-                        if drained is not None
-                        else f"not drained within {DRAIN_TIMEOUT:.0f} s"
+                for size in (10, 50):
+                    packs, gen = await closed(
+                        server.port,
+                        SenmlPacks(names, size, base_time=1_700_000_000 + size * 10**7),
+                        names,
                     )
-                    + f"; {relayed} messages reached the subscriber so far"
-                )
-                # Ingest and relay share one core: the sustained rate costs a reading's
-                # ingest (store-only figure) plus its relaying (the drain just measured).
-                drain_rate = backlog / drained if drained and backlog else None
-                estimate = 1 / (1 / stored.rate + 1 / drain_rate) if drain_rate else 0.5 * full.rate
-                sustained, notes = await sustained_rate(server, names, estimate, acked)
-                for text in notes:
-                    report.note(f"sustained rate: {text}")
-                report.add(
-                    "1",
-                    "readings/s, stored + relayed, sustained",
-                    sustained,
-                    "readings/s",
-                    "bare aiocoap Site",
-                    bare.rate,
-                )
-                for share in (0.5, 0.8):
-                    seq0 = 10**6 * int(share * 10)
-                    stats, gen = await opened(
-                        server.port, CborReadings(names, start_seq=seq0), share * sustained
+                    acked(server.db, "senml", gen, size)
+                    show(f"gateway, packs of {size}", packs)
+                    report.add(
+                        "2",
+                        f"SenML packs of {size}: readings/s",
+                        packs.readings_rate,
+                        "readings/s",
+                        "bare aiocoap Site",
+                        bare_packs[size].readings_rate,
                     )
+                    report.add(
+                        "2",
+                        f"SenML packs of {size}: piggybacked",
+                        packs.piggyback_share * 100,
+                        "%",
+                        "bare aiocoap Site",
+                        bare_packs[size].piggyback_share * 100,
+                    )
+
+        # --- 1 + 3: full pipeline with the relay to MQTT -----------------------------------
+        if wanted("1", "3"):
+            print("1. ingest with relay to MQTT (QoS 1) and 3. latency at 50 % / 80 %", flush=True)
+            with broker("mqtt", workdir) as mqtt:
+                subscriber = Subscriber(mqtt.port)
+                listening = asyncio.create_task(subscriber.run(), name="bench.subscriber")
+                await asyncio.wait_for(subscriber.ready.wait(), 10)
+                async with gateway(workdir, "relay", sink=mqtt) as server:
+                    assert server.db is not None
+                    full, gen = await closed(server.port, CborReadings(names), names, register=True)
                     acked(server.db, "cbor", gen)
-                    await wait_drained(server.db, DRAIN_TIMEOUT)
-                    await asyncio.sleep(0.5)  # the last PUBLISHes reach the subscriber
-                    assert gen.sent_at is not None
-                    to_mqtt = subscriber.latencies(gen.sent_at)
-                    show(f"gateway at {share:.0%}", stats)
-                    for p in (50, 99):
-                        report.add(
-                            "3",
-                            f"p{p} device->ack at {share:.0%} load",
-                            stats.percentile(p),
-                            "ms",
-                            f"bare aiocoap at {share:.0%}",
-                            bare_load[share].percentile(p),
+                    show("gateway, store + relay", full)
+                    backlog = outbox_depth(server.db)
+                    report.add(
+                        "1",
+                        "readings/s acknowledged, relay falling behind",
+                        full.rate,
+                        "readings/s",
+                        "bare aiocoap Site",
+                        bare.rate,
+                    )
+                    report.add(
+                        "1",
+                        "readings/s acknowledged, relay falling behind",
+                        full.rate,
+                        "readings/s",
+                        "minimal UDP responder",
+                        minimal.rate,
+                    )
+                    report.add(
+                        "1",
+                        "piggybacked share of answers",
+                        full.piggyback_share * 100,
+                        "%",
+                        "bare aiocoap Site",
+                        bare.piggyback_share * 100,
+                    )
+                    report.add(
+                        "1",
+                        "p50 device->ack at saturation",
+                        full.percentile(50),
+                        "ms",
+                        "bare aiocoap Site",
+                        bare.percentile(50),
+                    )
+                    report.add(
+                        "1",
+                        "p99 device->ack at saturation",
+                        full.percentile(99),
+                        "ms",
+                        "bare aiocoap Site",
+                        bare.percentile(99),
+                    )
+                    drained = await wait_drained(server.db, DRAIN_TIMEOUT)
+                    relayed = subscriber.messages
+                    report.note(
+                        f"relay backlog after the saturation run: {backlog} entries; "
+                        + (
+                            f"drained in {drained:.1f} s"
+                            if drained is not None
+                            else f"not drained within {DRAIN_TIMEOUT:.0f} s"
                         )
-                    for p in (50, 99):
-                        report.add(
-                            "3",
-                            f"p{p} device->MQTT subscriber at {share:.0%}",
-                            percentile_ms(to_mqtt, p),
-                            "ms",
-                            f"device->ack p{p}",
-                            stats.percentile(p),
+                        + f"; {relayed} messages reached the subscriber so far"
+                    )
+                    # Ingest and relay share one core: the sustained rate costs a reading's
+                    # ingest (store-only figure) plus its relaying (the drain just measured).
+                    drain_rate = backlog / drained if drained and backlog else None
+                    ingest_rate = stored.rate if stored is not None else full.rate
+                    estimate = (
+                        1 / (1 / ingest_rate + 1 / drain_rate) if drain_rate else 0.5 * full.rate
+                    )
+                    sustained, notes = await sustained_rate(server, names, estimate, acked)
+                    for text in notes:
+                        report.note(f"sustained rate: {text}")
+                    report.add(
+                        "1",
+                        "readings/s, stored + relayed, sustained",
+                        sustained,
+                        "readings/s",
+                        "bare aiocoap Site",
+                        bare.rate,
+                    )
+                    for share in (0.5, 0.8):
+                        seq0 = 10**6 * int(share * 10)
+                        stats, gen = await opened(
+                            server.port, CborReadings(names, start_seq=seq0), share * sustained
                         )
-                    missing = len(gen.sent_at) - len(to_mqtt)
-                    if missing:
-                        report.note(
-                            f"at {share:.0%}: {missing} sent readings not seen on MQTT"
-                            " (includes ones never acknowledged)"
-                        )
-                    if stats.skipped:
-                        report.note(f"at {share:.0%}: {stats.skipped} sends found no idle device")
-            listening.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await listening
+                        acked(server.db, "cbor", gen)
+                        await wait_drained(server.db, DRAIN_TIMEOUT)
+                        await asyncio.sleep(0.5)  # the last PUBLISHes reach the subscriber
+                        assert gen.sent_at is not None
+                        to_mqtt = subscriber.latencies(gen.sent_at)
+                        show(f"gateway at {share:.0%}", stats)
+                        for p in (50, 99):
+                            report.add(
+                                "3",
+                                f"p{p} device->ack at {share:.0%} load",
+                                stats.percentile(p),
+                                "ms",
+                                f"bare aiocoap at {share:.0%}",
+                                bare_load[share].percentile(p),
+                            )
+                        for p in (50, 99):
+                            report.add(
+                                "3",
+                                f"p{p} device->MQTT subscriber at {share:.0%}",
+                                percentile_ms(to_mqtt, p),
+                                "ms",
+                                f"device->ack p{p}",
+                                stats.percentile(p),
+                            )
+                        missing = len(gen.sent_at) - len(to_mqtt)
+                        if missing:
+                            report.note(
+                                f"at {share:.0%}: {missing} sent readings not seen on MQTT"
+                                " (includes ones never acknowledged)"
+                            )
+                        if stats.skipped:
+                            report.note(
+                                f"at {share:.0%}: {stats.skipped} sends found no idle device"
+                            )
+                listening.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await listening
 
         # --- 4. scale ----------------------------------------------------------------------
-        print(f"4. scale: {SCALE_DEVICES} registered devices", flush=True)
-        async with gateway(workdir, "scale") as server:
-            before = rss_mb(server.pid)
-            many = device_names(SCALE_DEVICES, prefix="scale")
-            async with LoadGenerator(("127.0.0.1", server.port), sockets=500) as gen:
-                stats = await gen.run(Registrations(many), window=WINDOW)
-            after = rss_mb(server.pid)
-            show("registrations", stats)
-            if stats.codes.get("2.01", 0) != SCALE_DEVICES:
-                report.note(f"only {stats.codes.get('2.01', 0)} of {SCALE_DEVICES} registered")
+        if wanted("4"):
+            n = SCALE_DEVICES
+            print(f"4. scale: {n} devices, each registered and observed once", flush=True)
+            enough_files(n)
+            async with gateway(workdir, "scale", observers=2 * n) as server:
+                ours = await scale(server, "scale")
+            show("gateway: registrations", ours.registrations)
+            show("gateway: observations", ours.observations)
+            async with baseline("aiocoap-observe", workdir) as server:
+                bare_scale = await scale(server, "scale")
+            show("bare aiocoap: registrations", bare_scale.registrations)
+            show("bare aiocoap: observations", bare_scale.observations)
+            for label, run in (("gateway", ours), ("bare aiocoap", bare_scale)):
+                if run.registrations.codes.get("2.01", 0) != n:
+                    report.note(f"4, {label}: {dict(run.registrations.codes)} of {n} registered")
+                if run.observations.observations != n:
+                    report.note(
+                        f"4, {label}: {run.observations.observations} of {n} observations"
+                        f" started ({dict(run.observations.codes)})"
+                    )
+            bare_label = "bare aiocoap, same devices+obs"
             report.add(
                 "4",
-                f"RSS with {SCALE_DEVICES} devices",
-                after,
+                f"RSS, {n} devices + {n} observations",
+                ours.observed,
                 "MB",
-                "bare aiocoap after its runs",
-                bare_rss,
+                bare_label,
+                bare_scale.observed,
             )
             report.add(
                 "4",
-                "RSS per registered device",
-                (after - before) * 1024 / SCALE_DEVICES,
-                "KB",
-                "RSS before registrations",
-                before,
+                f"RSS, {n} devices + {n} observations",
+                ours.observed,
+                "MB",
+                f"target: under {SCALE_TARGET_MB:.0f} MB",
+                SCALE_TARGET_MB,
             )
             report.add(
-                "4", "registrations/s", stats.rate, "req/s", "readings/s (store only)", stored.rate
+                "4",
+                "RSS per device incl. its observation",
+                ours.per_device_kb(ours.observed),
+                "KB",
+                "bare aiocoap, the same",
+                bare_scale.per_device_kb(bare_scale.observed),
             )
-            report.note("observations (one per device) are not part of figure 4 yet")
+            report.add(
+                "4",
+                "RSS per registered device (no observation)",
+                ours.per_device_kb(ours.registered),
+                "KB",
+                "bare aiocoap, the same",
+                bare_scale.per_device_kb(bare_scale.registered),
+            )
+            report.add(
+                "4",
+                "RSS before registering",
+                ours.idle,
+                "MB",
+                "bare aiocoap, before",
+                bare_scale.idle,
+            )
+            report.add(
+                "4",
+                "registrations/s (each one committed)",
+                ours.registrations.rate,
+                "req/s",
+                "bare aiocoap (adds a resource)",
+                bare_scale.registrations.rate,
+            )
+            if stored is not None:
+                report.add(
+                    "4",
+                    "registrations/s (each one committed)",
+                    ours.registrations.rate,
+                    "req/s",
+                    "readings/s (store only)",
+                    stored.rate,
+                )
+            report.add(
+                "4",
+                "observations started/s",
+                ours.observations.observation_rate,
+                "obs/s",
+                "bare aiocoap, stock Observe",
+                bare_scale.observations.observation_rate,
+            )
+
+        # --- 5. Observe fan-out ------------------------------------------------------------
+        if wanted("5"):
+            print(
+                f"5. Observe fan-out: {FANOUT_OBSERVERS} observers of one device's /r/NAME,"
+                " readings posted one after another",
+                flush=True,
+            )
+            enough_files(FANOUT_OBSERVERS)
+            async with gateway(workdir, "fanout", observers=2 * FANOUT_OBSERVERS) as server:
+                fanned, device, drops = await fan_out(server)
+                acked(server.db, "cbor", device)
+            show_fanout("gateway", fanned, drops)
+            runs = [("gateway", fanned, drops)]
+            bare_fanout = {}
+            for kind in ("aiocoap-observe", "aiocoap-observe-non"):
+                async with baseline(kind, workdir) as server:
+                    bare_fanout[kind], _, drops = await fan_out(server)
+                show_fanout(kind, bare_fanout[kind], drops)
+                runs.append((kind, bare_fanout[kind], drops))
+            bare_con, bare_non = bare_fanout["aiocoap-observe"], bare_fanout["aiocoap-observe-non"]
+            what = f"notifications/s, {FANOUT_OBSERVERS} observers"
+            con, non = "bare aiocoap (CON, default)", "bare aiocoap (NON notif.)"
+            report.add("5", what, fanned.rate, "notif./s", con, bare_con.rate)
+            report.add("5", what, fanned.rate, "notif./s", non, bare_non.rate)
+            what = "notifications/s in the median round"
+            report.add(
+                "5", what, fanned.median_round_rate, "notif./s", con, bare_con.median_round_rate
+            )
+            report.add(
+                "5", what, fanned.median_round_rate, "notif./s", non, bare_non.median_round_rate
+            )
+            for p in (50, 99):
+                report.add(
+                    "5",
+                    f"p{p} post -> all {FANOUT_OBSERVERS} observers notified",
+                    percentile_ms(fanned.latencies, p),
+                    "ms",
+                    non,
+                    percentile_ms(bare_non.latencies, p),
+                )
+            for label, run, drops in runs:
+                slow = sum(seconds > 1.0 for seconds in run.latencies)
+                if run.missing or run.lost or run.ended or run.failed or slow:
+                    report.note(
+                        f"5, {label}: {slow} of {run.readings} rounds over 1 s"
+                        f" ({run.retransmitted} readings sent twice by the device);"
+                        f" {run.missing} notifications missing after {FANOUT_WAIT:.0f} s"
+                        f" in {run.incomplete} rounds, {run.lost} lost (Observe-number gaps),"
+                        f" {run.duplicates} duplicates (retransmitted CONs), {run.ended}"
+                        f" observations ended, {run.failed} readings not answered 2.04;"
+                        f" {drops} datagrams dropped for full receive buffers (machine-wide)"
+                    )
 
         # --- 6. relay catch-up -------------------------------------------------------------
-        print(f"6. relay catch-up: a backlog of {BACKLOG} outbox entries", flush=True)
-        for kind in ("mqtt", "nats"):
-            label = "MQTT (QoS 1)" if kind == "mqtt" else "JetStream"
-            with broker(kind, workdir, start=False) as sink:
-                async with gateway(workdir, f"backlog-{kind}", sink=sink) as server:
-                    assert server.db is not None
-                    packs = BACKLOG // 50
-                    async with LoadGenerator(("127.0.0.1", server.port), sockets=DEVICES) as gen:
-                        await gen.run(Registrations(names), window=WINDOW)
-                        await gen.run(
-                            Limited(SenmlPacks(names, 50, base_time=1_600_000_000), packs),
-                            window=WINDOW,
-                        )
-                    acked(server.db, "senml", gen, 50)
-                    depth = outbox_depth(server.db)
-                    sink.start()
-                    took = await wait_drained(server.db, max(DRAIN_TIMEOUT, BACKLOG / 500))
-                if took is None:
-                    report.note(f"{label}: backlog of {depth} not drained in time")
-                    continue
-                raw = await asyncio.to_thread(raw_publish_rate, kind, sink.port)
-                report.add(
-                    "6",
-                    f"backlog of {depth} drained to {label}",
-                    depth / took,
-                    "entries/s",
-                    f"raw client publishing, {'aiomqtt' if kind == 'mqtt' else 'nats-py'}",
-                    raw,
-                )
+        if wanted("6"):
+            print(f"6. relay catch-up: a backlog of {BACKLOG} outbox entries", flush=True)
+            for kind in ("mqtt", "nats"):
+                label = "MQTT (QoS 1)" if kind == "mqtt" else "JetStream"
+                with broker(kind, workdir, start=False) as sink:
+                    async with gateway(workdir, f"backlog-{kind}", sink=sink) as server:
+                        assert server.db is not None
+                        packs = BACKLOG // 50
+                        async with LoadGenerator(
+                            ("127.0.0.1", server.port), sockets=DEVICES
+                        ) as gen:
+                            await gen.run(Registrations(names), window=WINDOW)
+                            await gen.run(
+                                Limited(SenmlPacks(names, 50, base_time=1_600_000_000), packs),
+                                window=WINDOW,
+                            )
+                        acked(server.db, "senml", gen, 50)
+                        depth = outbox_depth(server.db)
+                        sink.start()
+                        took = await wait_drained(server.db, max(DRAIN_TIMEOUT, BACKLOG / 500))
+                    if took is None:
+                        report.note(f"{label}: backlog of {depth} not drained in time")
+                        continue
+                    raw = await asyncio.to_thread(raw_publish_rate, kind, sink.port)
+                    report.add(
+                        "6",
+                        f"backlog of {depth} drained to {label}",
+                        depth / took,
+                        "entries/s",
+                        f"raw client publishing, {'aiomqtt' if kind == 'mqtt' else 'nats-py'}",
+                        raw,
+                    )
 
         # --- 7. cores ----------------------------------------------------------------------
-        print("7. two gateway processes on one port (SO_REUSEPORT), one database", flush=True)
-        argv, port, db = gateway_argv(workdir, "workers", level="info")
-        log = workdir / "workers.log"
-        first = spawn(argv, log, pinned=False)
-        second: subprocess.Popen[bytes] | None = None
-        try:
-            await wait_for_line(log, "gateway.started", 1)
-            second = spawn(argv, log, pinned=False)  # migrated already: starts as a peer
-            await wait_for_line(log, "gateway.started", 2)
-            # New sockets, so the kernel spreads the devices over both processes; a device's
-            # datagrams (same source port) always reach the same process, which registered it.
-            workers = device_names(DEVICES, prefix="w")
-            both, gen = await closed(port, CborReadings(workers), workers, register=True)
-            acked(db, "cbor", gen)
-            show("two processes", both)
-            report.add(
-                "7",
-                "readings/s, 2 processes (unpinned)",
-                both.rate,
-                "readings/s",
-                "1 process (figure 1, store only)",
-                stored.rate,
-            )
-            report.note(
-                "7: the load generator needs one of the two CPUs, so two processes"
-                " share the other CPU's time with it; `gateway serve` has no --workers"
-                " option yet (relay, rules and Observe assume a single process)"
-            )
-        finally:
-            for process in (second, first):
-                if process is not None:
-                    stop(process)
+        if wanted("7"):
+            print("7. two gateway processes on one port (SO_REUSEPORT), one database", flush=True)
+            argv, port, db = gateway_argv(workdir, "workers", level="info")
+            log = workdir / "workers.log"
+            first = spawn(argv, log, pinned=False)
+            second: subprocess.Popen[bytes] | None = None
+            try:
+                await wait_for_line(log, "gateway.started", 1)
+                second = spawn(argv, log, pinned=False)  # migrated already: starts as a peer
+                await wait_for_line(log, "gateway.started", 2)
+                # New sockets, so the kernel spreads the devices over both processes; a device's
+                # datagrams (same source port) always reach the same process, which registered it.
+                workers = device_names(DEVICES, prefix="w")
+                both, gen = await closed(port, CborReadings(workers), workers, register=True)
+                acked(db, "cbor", gen)
+                show("two processes", both)
+                if stored is not None:
+                    report.add(
+                        "7",
+                        "readings/s, 2 processes (unpinned)",
+                        both.rate,
+                        "readings/s",
+                        "1 process (figure 1, store only)",
+                        stored.rate,
+                    )
+                report.note(
+                    "7: the load generator needs one of the two CPUs, so two processes"
+                    " share the other CPU's time with it; `gateway serve` has no --workers"
+                    " option yet (relay, rules and Observe assume a single process)"
+                )
+            finally:
+                for process in (second, first):
+                    if process is not None:
+                        stop(process)
 
         print(f"({time.monotonic() - started:.0f} s)")
         missing = verify(acknowledged)
-    report.note("5. Observe fan-out: bench/observe_fanout.py (separate, in-process)")
     if path := os.environ.get("BENCH_JSON"):
         Path(path).write_text(
             json.dumps(
