@@ -18,6 +18,7 @@ Observe: 1) on the same token ends the observation too (aiocoap replaces the req
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -66,8 +67,10 @@ class Fanout:
         render: Render,
         *,
         clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
     ) -> None:
         self.name = name
+        self._rng = rng or random.Random()
         self._config = config
         self._render = render
         self._clock = clock
@@ -79,7 +82,18 @@ class Fanout:
     # --- observers ----------------------------------------------------------------------
 
     def add(self, key: str, observation: Any, content_format: int, peer: str | None) -> Observer:
-        observer = Observer(key, observation, content_format, peer, last_con=self._clock())
+        # Each observer starts at its own point of the CON cycle: observers that came
+        # together (a fleet after a restart) would otherwise all get their confirmable
+        # notification in the same round, and their ACKs arrive as one burst that overflows
+        # the socket's receive buffer, taking readings with it.
+        observer = Observer(
+            key,
+            observation,
+            content_format,
+            peer,
+            last_con=self._clock() - self._rng.uniform(0, self._config.con_interval),
+            since_con=self._rng.randrange(self._config.con_every),
+        )
         self._observers.setdefault(key, set()).add(observer)
         self.stats.observers_added += 1
 

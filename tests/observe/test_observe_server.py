@@ -11,7 +11,7 @@ from typing import Any
 import aiocoap
 import cbor2
 import pytest
-from aiocoap import CON, NON
+from aiocoap import CON
 from aiocoap.numbers.codes import Code
 
 from gateway.app import Gateway
@@ -171,7 +171,9 @@ async def test_every_nth_notification_is_confirmable_and_gone_observer_is_droppe
         for temp in range(1, 7):
             await post(coap_client, url, "r/fridge-1", cbor2.dumps({"temp": float(temp)}))
             kinds.append((await next_notification(updates)).mtype)
-        assert kinds == [NON, NON, CON, NON, NON, CON]
+        # Every third is confirmable; where the cycle starts differs from observer to observer.
+        confirmable = [index for index, kind in enumerate(kinds) if kind == CON]
+        assert confirmable[0] < 3 and confirmable == [confirmable[0], confirmable[0] + 3], kinds
 
         await watcher.shutdown()  # the observer goes away without a word
         for temp in range(7, 12):
