@@ -154,33 +154,42 @@ class NatsSink(SinkBase):
         results: list[Result] = [None] * len(batch)
         futures: list[asyncio.Future[Any] | None] = []
         stream = self._config.stream
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._config.timeout
         try:
-            for index, delivery in enumerate(batch):
-                try:
-                    body = self.body(delivery)
-                except SinkError as exc:
-                    results[index] = exc
-                    futures.append(None)
-                    continue
-                futures.append(
-                    await js.publish_async(
-                        self.subject(delivery),
-                        body,
-                        wait_stall=self._config.timeout,
-                        stream=stream,
-                        headers={
-                            MSG_ID_HEADER: delivery.message_id,
-                            "Content-Type": delivery.encoding.content_type,
-                        },
+            # One deadline for handing over the batch and for its PubAcks. No `wait_stall`:
+            # with it nats-py wraps every publish in `asyncio.wait_for`, a task and a trip
+            # through the event loop per message, so each message went out in a socket write
+            # of its own. Without it the batch is written in few writes; a full pending
+            # window (publish_async_max_pending) still makes a publish wait, within this
+            # deadline.
+            async with asyncio.timeout_at(deadline):
+                for index, delivery in enumerate(batch):
+                    try:
+                        body = self.body(delivery)
+                    except SinkError as exc:
+                        results[index] = exc
+                        futures.append(None)
+                        continue
+                    futures.append(
+                        await js.publish_async(
+                            self.subject(delivery),
+                            body,
+                            stream=stream,
+                            headers={
+                                MSG_ID_HEADER: delivery.message_id,
+                                "Content-Type": delivery.encoding.content_type,
+                            },
+                        )
                     )
-                )
             pending = [f for f in futures if f is not None]
             if pending:
-                await asyncio.wait(pending, timeout=self._config.timeout)
+                await asyncio.wait(pending, timeout=max(0.0, deadline - loop.time()))
         except BaseException as exc:
             for future in futures:
                 if future is not None and not future.done():
                     future.cancel()
+            # TimeoutError (the deadline passed while publishing) is an OSError.
             if isinstance(exc, nats.errors.Error | OSError):
                 await self._disconnect()
                 raise self.down(self.transient(f"publish failed: {exc!r}")) from exc
