@@ -101,6 +101,16 @@ def content_format(cf: int) -> bytes:
     return _uint(cf)
 
 
+def _extended(nibble: int, data: bytes, index: int) -> tuple[int, int]:
+    """An option delta or length nibble with its extended bytes (RFC 7252 §3.1); the value
+    and the index after them."""
+    if nibble == 13:
+        return data[index] + 13, index + 1
+    if nibble == 14:
+        return ((data[index] << 8) | data[index + 1]) + 269, index + 2
+    return nibble, index
+
+
 def observe_option(data: bytes) -> int | None:
     """The Observe value of a received message, or None when it has no Observe option."""
     index = 4 + (data[0] & 0x0F)
@@ -111,19 +121,8 @@ def observe_option(data: bytes) -> int | None:
         if first == 0xFF:
             return None
         index += 1
-        delta, length = first >> 4, first & 0x0F
-        if delta == 13:
-            delta = data[index] + 13
-            index += 1
-        elif delta == 14:
-            delta = ((data[index] << 8) | data[index + 1]) + 269
-            index += 2
-        if length == 13:
-            length = data[index] + 13
-            index += 1
-        elif length == 14:
-            length = ((data[index] << 8) | data[index + 1]) + 269
-            index += 2
+        delta, index = _extended(first >> 4, data, index)
+        length, index = _extended(first & 0x0F, data, index)
         number += delta
         if number == OPT_OBSERVE:
             return int.from_bytes(data[index : index + length], "big")

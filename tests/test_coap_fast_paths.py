@@ -101,6 +101,15 @@ async def test_blockwise_post_of_readings_is_reassembled(
     assert count == 30
 
 
+async def stored_readings(gateway: Gateway, device: str) -> int:
+    async with gateway.reader.execute(
+        "SELECT count(*) FROM readings r JOIN devices d ON d.id = r.device_id WHERE d.name = ?",
+        (device,),
+    ) as cursor:
+        (count,) = await cursor.fetchone()  # type: ignore[misc]
+    return int(count)
+
+
 async def test_a_repeated_message_is_answered_again_without_storing_twice(
     gateway: Gateway, gateway_url: str, coap_client: aiocoap.Context
 ) -> None:
@@ -124,11 +133,7 @@ async def test_a_repeated_message_is_answered_again_without_storing_twice(
             assert answer[:5] == b"\x61\x44\x01\x01\xab"  # piggybacked 2.04, same id, token
     finally:
         transport.close()
-    async with gateway.reader.execute(
-        "SELECT count(*) FROM readings r JOIN devices d ON d.id = r.device_id WHERE d.name='f3'"
-    ) as cursor:
-        (count,) = await cursor.fetchone()  # type: ignore[misc]
-    assert count == 1
+    assert await stored_readings(gateway, "f3") == 1
 
 
 async def test_group_commit_of_readings_and_operations(gateway: Gateway) -> None:
@@ -278,8 +283,4 @@ async def test_a_slow_commit_gets_an_empty_ack_then_a_confirmable_answer(
         if blocker.in_transaction:
             blocker.execute("ROLLBACK")
         blocker.close()
-    async with gateway.reader.execute(
-        "SELECT count(*) FROM readings r JOIN devices d ON d.id = r.device_id WHERE d.name='f5'"
-    ) as cursor:
-        (count,) = await cursor.fetchone()  # type: ignore[misc]
-    assert count == 1
+    assert await stored_readings(gateway, "f5") == 1
