@@ -44,6 +44,13 @@ def peer_of(request: Message) -> str | None:
     return peer
 
 
+def route(request: Message, path: tuple[str, ...], remainder: tuple[str, ...]) -> None:
+    """Hand `request` on to a resource matched by a prefix of `path`: the resource sees only
+    `remainder`, and `routed_path` keeps the whole path for routing again and for logs."""
+    request.routed_path = path
+    request.opt.uri_path = remainder
+
+
 def error_response(exc: DeviceError) -> Message:
     response = Message(
         code=exc.coap_code,

@@ -27,7 +27,7 @@ from aiocoap.error import RenderableError
 from aiocoap.numbers.codes import Code
 from aiocoap.numbers.optionnumbers import OptionNumber
 
-from gateway.coap.base import internal_error
+from gateway.coap.base import internal_error, route
 
 log = structlog.get_logger("gateway.coap")
 
@@ -69,19 +69,8 @@ class ReadingsFastLane:
             return False
         opt = request.opt
         # One look at which options are there, rather than one lookup per option to rule
-        # out; aiocoap keeps them in `_options`, keyed by number (else the slow checks).
-        present = getattr(opt, "_options", None)
-        if present is not None:
-            if not PLAIN_OPTIONS.issuperset(present):
-                return False
-        elif (
-            opt.block1 is not None
-            or opt.block2 is not None
-            or opt.observe is not None
-            or opt.oscore is not None
-            or opt.uri_query
-            or opt.no_response is not None
-        ):
+        # out: aiocoap (pinned below 0.5) keeps them in `_options`, keyed by number.
+        if not PLAIN_OPTIONS.issuperset(opt._options):
             return False
         path = opt.uri_path
         if len(path) != 2 or path[0] != self._prefix or not path[1]:
@@ -126,10 +115,8 @@ class ReadingsFastLane:
         manager.token_interface.send_message(response, _no_interest)
 
     async def _render(self, request: Message) -> Message:
-        # What RoutingSite does on the way to a path-capable resource.
         path = tuple(request.opt.uri_path)
-        request.routed_path = path
-        request.opt.uri_path = path[1:]
+        route(request, path, path[1:])  # as RoutingSite would, to the path-capable resource
         response: Message = await self._resource.render(request)
         return response
 

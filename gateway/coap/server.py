@@ -27,6 +27,7 @@ import structlog
 from aiocoap import Context, resource
 from aiocoap.util.linkformat import Link, LinkFormat
 
+from gateway.coap.base import route
 from gateway.coap.fastlane import ReadingsFastLane
 from gateway.core.readings import CF_CBOR, CF_JSON, CF_LINK_FORMAT, CF_SENML_CBOR, CF_SENML_JSON
 
@@ -158,8 +159,7 @@ class RoutingSite(resource.Site):  # type: ignore[misc]
                 raise KeyError(path)
             if remainder == ("",):
                 remainder = ()  # sub-sites see their root resource like sites
-        request.routed_path = path
-        request.opt.uri_path = remainder
+        route(request, path, remainder)
         return child, request
 
 

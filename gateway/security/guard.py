@@ -178,14 +178,9 @@ class Guard(interfaces.Resource):  # type: ignore[misc]
         source = peer_of(request) or "?"
         # Answers to unauthenticated peers are bounded (RFC 7252 §11.3).
         limited = identity is None and bool(self._config.amplification_factor)
-        try:
-            self._check_live(claims, source)
-            await self._admit(request, identity, source)
-        except DeviceError as exc:
-            response = error_response(exc)
-            if limited:
-                response = self._shape(response, request)
-            pipe.add_response(response, is_last=True)
+        refusal = await self._refusal(request, claims, identity, source, limited)
+        if refusal is not None:
+            pipe.add_response(refusal, is_last=True)
             return
         if request.opt.observe == 0 and request.code == Code.GET:
             self._admit_observer(pipe, request, source)
@@ -213,16 +208,29 @@ class Guard(interfaces.Resource):  # type: ignore[misc]
         answered once by `render`: the readings fast lane (gateway.coap.fastlane) comes in
         here, past the OSCORE wrapper and aiocoap's pipes, and gets the same admission and
         the same bound on the answer's size."""
-        source = peer_of(request) or "?"
+        limited = bool(self._config.amplification_factor)
+        refusal = await self._refusal(request, (), None, peer_of(request) or "?", limited)
+        if refusal is not None:
+            return refusal
+        response = await render(request)
+        return self._shape(response, request) if limited else response
+
+    async def _refusal(
+        self,
+        request: Message,
+        claims: Any,
+        identity: Identity | None,
+        source: str,
+        limited: bool,
+    ) -> Message | None:
+        """The answer refusing `request`, or None when it is admitted."""
         try:
-            await self._admit(request, None, source)
+            self._check_live(claims, source)
+            await self._admit(request, identity, source)
         except DeviceError as exc:
             response = error_response(exc)
-        else:
-            response = await render(request)
-        if self._config.amplification_factor:
-            response = self._shape(response, request)
-        return response
+            return self._shape(response, request) if limited else response
+        return None
 
     # --- admission -------------------------------------------------------------------------
 
