@@ -10,6 +10,7 @@ still pending at the deadline is logged.
 from __future__ import annotations
 
 import asyncio
+import collections
 import gc
 import signal
 import time
@@ -33,6 +34,7 @@ from gateway.coap.server import (
     GatewaySite,
     PublishedResource,
 )
+from gateway.coap.steering import SINGLE, WorkerSeat
 from gateway.commands.dispatcher import CommandDispatcher
 from gateway.config import GatewayConfig
 from gateway.ingest import Ingest
@@ -44,6 +46,7 @@ from gateway.relay.sinks.base import Sink
 from gateway.rules_service import RulesService
 from gateway.security import SecurityLayer
 from gateway.store.db import migrate, open_database
+from gateway.store.feed import StoreFeed
 from gateway.store.retention import RetentionPolicy, prune
 from gateway.store.writer import StoreWriter
 
@@ -59,9 +62,13 @@ class Gateway:
         *,
         clock: Callable[[], float] = time.time,
         sinks: Mapping[str, Sink] | None = None,
+        seat: WorkerSeat = SINGLE,
     ) -> None:
         self.config = config
         self._clock = clock
+        #: Which of `server.workers` processes this is; worker 0 also runs the relay, the
+        #: rules, registration expiry and pruning, which must run once per database.
+        self.seat = seat
         #: Sinks to use instead of building them from `config.sinks`, by name (tests).
         self._sink_overrides = dict(sinks or {})
         self._relay_tasks: list[asyncio.Task[None]] = []
@@ -87,6 +94,8 @@ class Gateway:
     devices: DevicesResource
     commands: CommandDispatcher
     observer: DeviceObserver
+    #: Other workers' commits; None with a single worker.
+    feed: StoreFeed | None
 
     async def __aenter__(self) -> Gateway:
         try:
@@ -108,11 +117,13 @@ class Gateway:
         self.writer = StoreWriter(
             self.db, max_batch=config.store.max_batch, max_pending=config.store.max_pending
         )
+        if self.seat.shared:
+            self.writer.own_reading_ids = collections.deque()
         self.registry = Registry(self.writer, clock=self._clock)
         await self.registry.load(self.db)
         # Entered before the TaskGroup, so they are closed only after every worker ended.
         sinks: dict[str, Sink] = {}
-        for sink_config in config.sinks:
+        for sink_config in config.sinks if self.seat.primary else ():
             sink = self._sink_overrides.get(sink_config.name) or sink_from_config(sink_config)
             sinks[sink_config.name] = await stack.enter_async_context(sink)
         self.relay = Relay(
@@ -125,22 +136,28 @@ class Gateway:
             registry=self.registry,
             writer=self.writer,
             clock=self._clock,
-            admit=self.relay.admit if sinks else None,
+            admit=self.relay.admit if config.sinks else None,
+            # Another worker may have registered the device a moment ago.
+            lookup=self.reader if self.seat.shared else None,
         )
 
         self._tasks = await stack.enter_async_context(asyncio.TaskGroup())
         stack.push_async_callback(self._stop_tasks)
         self._writer_task = self._tasks.create_task(self.writer.run(), name="store.writer")
-        self._spawn(self._expiry_loop(), "registry.expiry")
         retention = RetentionPolicy(
             max_age_seconds=config.store.retention_days * 86_400,
             max_rows=config.store.retention_max_rows,
         )
-        if retention.enabled:
-            self._spawn(self._retention_loop(retention), "store.retention")
+        if self.seat.primary:
+            self._spawn(self._expiry_loop(), "registry.expiry")
+            if retention.enabled:
+                self._spawn(self._retention_loop(retention), "store.retention")
         await self._start_rules()
 
-        await self.relay.start()
+        if self.seat.primary:
+            await self.relay.start()
+        else:
+            await self.relay.resync()  # counts only: worker 0 sends
         for name, coroutine in self.relay.tasks():
             self._relay_tasks.append(self._tasks.create_task(coroutine, name=name))
         # Runs before the writer closes: cancelled workers release their entries through it.
@@ -170,10 +187,39 @@ class Gateway:
                 transport=config.server.transport,
                 root=root,
                 fast_lane=self.fast_lane,
+                sock=self.seat.sock,
                 **self.security.server_options(),
             )
         )
         self._start_observe_and_commands()
+        await self._start_feed()
+
+    async def _start_feed(self) -> None:
+        """With several workers: take in what the others commit (see gateway/store/feed.py)."""
+        self.feed = None
+        if not self.seat.shared:
+            return
+        assert self.writer.own_reading_ids is not None
+        feed = self.feed = StoreFeed(
+            self.reader,
+            self.registry,
+            self.writer.own_reading_ids,
+            interval=self.config.server.feed_interval,
+        )
+        feed.add_reading_listener(self.readings.on_commit)
+        # Every worker counts the outbox all of them fill, for back-pressure.
+        feed.add_reading_listener(self.relay.on_commit)
+        if self.seat.primary:
+            feed.add_reading_listener(lambda readings: self.relay.wake())
+            if self.config.rules:
+                feed.add_reading_listener(self.rules.on_commit)
+        else:
+            # Worker 0 decides alerts and lists; the others notify their observers.
+            feed.add_change_listener("alerts", self._alerts.updated_state)
+            feed.add_change_listener("lists", self._list_names.updated_state)
+            feed.add_change_listener("lists", self._lists.trigger_all)
+        await feed.start()
+        self._spawn(feed.run(), "store.feed")
 
     def _build_observe_and_commands(self) -> None:
         def context() -> Any:
@@ -187,9 +233,14 @@ class Gateway:
             reader=self.reader,
             context=context,
             clock=self._clock,
+            reaches=self.seat.owns,
         )
         self.observer = DeviceObserver(
-            self.config.observe, ingest=self.ingest, reader=self.reader, context=context
+            self.config.observe,
+            ingest=self.ingest,
+            reader=self.reader,
+            context=context,
+            reaches=self.seat.owns,
         )
         self.writer.add_commit_listener(self.readings.on_commit)
         self.writer.add_commit_listener(self.commands.on_commit)
@@ -236,20 +287,22 @@ class Gateway:
         )
         site.add(("cmd",), CommandsResource(self.commands, self.reader))
         alerts, lists = RULES_LINKS
-        alerts_resource = AlertsResource(self.reader)
-        names_resource = ListNamesResource(self.reader)
-        lists_resource = ListsResource(self.reader)
-        for listener in (alerts_resource, names_resource, lists_resource):
+        self._alerts = AlertsResource(self.reader)
+        self._list_names = ListNamesResource(self.reader)
+        self._lists = ListsResource(self.reader)
+        for listener in (self._alerts, self._list_names, self._lists):
             self.rules.add_listener(listener.on_decisions)
-        site.add(("alerts",), alerts_resource, alerts)
-        site.add(("lists",), names_resource, lists)
-        site.add(("lists",), lists_resource)
+        site.add(("alerts",), self._alerts, alerts)
+        site.add(("lists",), self._list_names, lists)
+        site.add(("lists",), self._lists)
         return site
 
     async def _start_rules(self) -> None:
         self.rules = RulesService(
             self.config.rules, writer=self.writer, registry=self.registry, clock=self._clock
         )
+        if not self.seat.primary:
+            return  # worker 0 restores and runs the rules
         await self.rules.start()
         if self.config.rules:
             self.writer.add_commit_listener(self.rules.on_commit)
@@ -271,6 +324,8 @@ class Gateway:
             _, pending = await asyncio.wait(self._relay_tasks, timeout=SHUTDOWN_DEADLINE)
             if pending:
                 log.error("gateway.shutdown_timeout", relay_tasks=[t.get_name() for t in pending])
+        if not self.seat.primary:
+            return  # worker 0 reports the relay's status
         try:
             async with asyncio.timeout(SHUTDOWN_DEADLINE):
                 await self.relay.flush_status(stopping=True)
@@ -356,18 +411,25 @@ async def gc_freezer(
         gc.freeze()
 
 
-async def serve(config: GatewayConfig, *, ready: Callable[[Gateway], None] | None = None) -> None:
+async def serve(
+    config: GatewayConfig,
+    *,
+    ready: Callable[[Gateway], None] | None = None,
+    seat: WorkerSeat = SINGLE,
+) -> None:
     """Run the gateway until SIGINT or SIGTERM."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
+    if seat.shared:
+        structlog.contextvars.bind_contextvars(worker=seat.index)
     try:
-        async with Gateway(config) as gateway:
+        async with Gateway(config, seat=seat) as gateway:
             log.info(
                 "gateway.started",
                 bind=config.server.bind,
-                port=config.server.port,
+                port=seat.sock.getsockname()[1] if seat.sock else config.server.port,
                 db=config.store.path,
                 devices=len(gateway.registry),
             )

@@ -40,6 +40,12 @@ class ServerConfig:
     #: Plain reading POSTs skip aiocoap's generic request pipeline (same admission, same
     #: answers; see gateway/coap/fastlane.py). Off: every request goes the generic way.
     fast_lane: bool = True
+    #: Worker processes serving the port (SO_REUSEPORT, each peer always to the same one;
+    #: see docs/deployment.md). 1 is a single process.
+    workers: int = 1
+    #: With several workers: seconds between looks at what the other workers committed
+    #: (the delay an observer served by one worker may see for a device posting to another).
+    feed_interval: float = 0.05
 
 
 @dataclass(frozen=True)
@@ -288,6 +294,7 @@ def check_config(config: GatewayConfig) -> None:
         raise ConfigError("ingest.max_payload must be at least 16 bytes", key="ingest.max_payload")
     if config.store.max_batch < 1:
         raise ConfigError("store.max_batch must be at least 1", key="store.max_batch")
+    check_workers(config.server, config.security)
     check_relay(config.sinks, config.routes, config.relay)
     check_rules(config.rules)
     check_security(config.security)
@@ -297,6 +304,26 @@ def check_config(config: GatewayConfig) -> None:
         raise ConfigError(
             "registry lifetimes must satisfy min_lifetime <= default_lifetime <= max_lifetime",
             key="registry.default_lifetime",
+        )
+
+
+def check_workers(server: ServerConfig, security: SecurityConfig) -> None:
+    if server.workers < 1:
+        raise ConfigError("server.workers must be at least 1", key="server.workers")
+    if server.feed_interval <= 0:
+        raise ConfigError("server.feed_interval must be positive", key="server.feed_interval")
+    if server.workers == 1:
+        return
+    # OSCORE replay windows and sequence numbers, and DTLS sessions, live in one process:
+    # shared by several, a nonce could be reused or a replay accepted.
+    authenticated = security.mode == "authenticated" or "authenticated" in (
+        security.type_modes.values()
+    )
+    if authenticated or security.dtls:
+        raise ConfigError(
+            'server.workers > 1 needs security.mode = "open" without authenticated type'
+            " modes and without DTLS (OSCORE and DTLS state is per process)",
+            key="server.workers",
         )
 
 

@@ -11,6 +11,8 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+import aiosqlite
+
 from gateway.config import IngestConfig
 from gateway.core.model import Device
 from gateway.core.readings import (
@@ -43,8 +45,11 @@ class Ingest:
         writer: StoreWriter,
         clock: Callable[[], float] = time.time,
         admit: Admission | None = None,
+        lookup: aiosqlite.Connection | None = None,
     ) -> None:
         self._config = config
+        #: Where to look for a device this process does not know yet (several workers).
+        self._lookup = lookup
         self._admit = admit
         self._registry = registry
         self._writer = writer
@@ -62,11 +67,14 @@ class Ingest:
                 f"payload of {size} bytes exceeds the limit of {limit}", limit=limit, device=device
             )
 
-    def known_device(self, name: str) -> Device | None:
-        return self._registry.device(name)
+    async def known_device(self, name: str) -> Device | None:
+        device = self._registry.device(name)
+        if device is None and self._lookup is not None:
+            device = await self._registry.find(name, self._lookup)
+        return device
 
     async def device(self, name: str) -> Device:
-        device = self._registry.device(name)
+        device = await self.known_device(name)
         if device is not None:
             return device
         if self._config.auto_register:

@@ -12,6 +12,7 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import aiosqlite
 import structlog
@@ -55,6 +56,10 @@ class Registry:
         self._writer = writer
         self._clock = clock
         self._devices: dict[str, Device] = {}
+        self._by_id: dict[int, Device] = {}
+        #: Device name -> (registration id, updated_at) as this process last knew them, to
+        #: tell which registrations another process changed (`sync`).
+        self._registrations: dict[str, tuple[str, float]] = {}
         self._listeners: list[RegistryListener] = []
 
     def add_listener(self, listener: RegistryListener) -> None:
@@ -70,10 +75,75 @@ class Registry:
     async def load(self, conn: aiosqlite.Connection) -> None:
         async with conn.execute("SELECT id, name, type FROM devices") as cursor:
             rows = await cursor.fetchall()
-        self._devices = {row[1]: Device(row[0], row[1], row[2]) for row in rows}
+        self._devices = {}
+        self._by_id = {}
+        for row in rows:
+            self._remember(Device(row[0], row[1], row[2]))
+        self._registrations = {row[1]: (row[4], row[5]) for row in await _registration_rows(conn)}
+
+    def _remember(self, device: Device) -> None:
+        self._devices[device.name] = device
+        self._by_id[device.id] = device
 
     def device(self, name: str) -> Device | None:
         return self._devices.get(name)
+
+    async def find(self, name: str, conn: aiosqlite.Connection) -> Device | None:
+        """The device, looked up in the database when this process does not know it yet
+        (another worker process registered it a moment ago)."""
+        device = self._devices.get(name)
+        if device is None:
+            async with conn.execute(
+                "SELECT id, name, type FROM devices WHERE name = ?", (name,)
+            ) as cursor:
+                row = await cursor.fetchone()
+            if row is not None:
+                device = Device(row[0], row[1], row[2])
+                self._remember(device)
+        return device
+
+    async def by_ids(self, ids: set[int], conn: aiosqlite.Connection) -> dict[int, Device]:
+        """Devices by id, those this process does not know yet read from the database."""
+        missing = [device_id for device_id in ids if device_id not in self._by_id]
+        if missing:
+            marks = ",".join("?" * len(missing))
+            async with conn.execute(
+                f"SELECT id, name, type FROM devices WHERE id IN ({marks})", missing
+            ) as cursor:
+                for row in await cursor.fetchall():
+                    self._remember(Device(row[0], row[1], row[2]))
+        return {device_id: self._by_id[device_id] for device_id in ids if device_id in self._by_id}
+
+    async def sync(self, conn: aiosqlite.Connection) -> int:
+        """Take in registrations other processes changed, telling listeners as if they had
+        happened here (a removal and an expiry both as `removed`); returns how many."""
+        rows = await _registration_rows(conn)
+        current = {row[1]: row for row in rows}
+        events: list[RegistryEvent] = []
+        for name, (
+            device_id,
+            _,
+            device_type,
+            address,
+            registration_id,
+            updated_at,
+        ) in current.items():
+            device = Device(device_id, name, device_type)
+            known = self._registrations.get(name)
+            if known == (registration_id, updated_at):
+                continue
+            kind = "registered" if known is None or known[0] != registration_id else "updated"
+            self._remember(device)
+            self._registrations[name] = (registration_id, updated_at)
+            events.append(RegistryEvent(kind, device, registration_id, address))
+        for name in [name for name in self._registrations if name not in current]:
+            registration_id, _ = self._registrations.pop(name)
+            gone = self._devices.get(name)
+            if gone is not None:
+                events.append(RegistryEvent("removed", gone, registration_id, None))
+        for event in events:
+            self._emit(event)
+        return len(events)
 
     def __len__(self) -> int:
         return len(self._devices)
@@ -97,7 +167,7 @@ class Registry:
             return Device(row[0], name, row[1])
 
         device = await self._writer.transaction(create)
-        self._devices[name] = device
+        self._remember(device)
         log.info("device.created", device=name, type=device.type)
         return device
 
@@ -140,7 +210,8 @@ class Registry:
             return Device(device_id, request.endpoint, request.device_type)
 
         device = await self._writer.transaction(write)
-        self._devices[device.name] = device
+        self._remember(device)
+        self._registrations[device.name] = (registration_id, now)
         registration = Registration(
             registration_id,
             device,
@@ -187,6 +258,7 @@ class Registry:
         registration = await self._writer.transaction(write)
         if registration is None:
             raise UnknownDeviceError(f"no registration {registration_id}; register again")
+        self._registrations[registration.device.name] = (registration_id, now)
         self._emit(RegistryEvent("updated", registration.device, registration_id, address))
         return registration
 
@@ -207,6 +279,7 @@ class Registry:
         device = await self._writer.transaction(write)
         if device is None:
             raise UnknownDeviceError(f"no registration {registration_id}")
+        self._registrations.pop(device.name, None)
         self._emit(RegistryEvent("removed", device, registration_id, None))
         return device
 
@@ -232,6 +305,16 @@ class Registry:
 
         expired = await self._writer.transaction(write)
         for registration_id, device in expired:
+            self._registrations.pop(device.name, None)
             log.info("registration.expired", device=device.name, registration=registration_id)
             self._emit(RegistryEvent("expired", device, registration_id, None))
         return [device for _, device in expired]
+
+
+async def _registration_rows(conn: aiosqlite.Connection) -> list[Any]:
+    """(device id, name, type, address, registration id, updated_at) of every registration."""
+    async with conn.execute(
+        "SELECT d.id, d.name, d.type, d.address, r.id, r.updated_at"
+        " FROM registrations r JOIN devices d ON d.id = r.device_id"
+    ) as cursor:
+        return list(await cursor.fetchall())

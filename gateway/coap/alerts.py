@@ -121,6 +121,12 @@ class ListsResource(GatewayResource, resource.ObservableResource, resource.PathC
             for observation in list(self._by_list.get(name, ())):
                 observation.trigger()
 
+    def trigger_all(self) -> None:
+        """Some list changed, which one is not known (another worker process changed it)."""
+        for observers in list(self._by_list.values()):
+            for observation in list(observers):
+                observation.trigger()
+
     async def render_get(self, request: Message) -> Message:
         content_format = _content_format(request)
         name = "/".join(request.opt.uri_path)

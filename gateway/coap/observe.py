@@ -67,7 +67,7 @@ class ObservableReadingsResource(ReadingsResource, interfaces.ObservableResource
     async def add_observation(self, request: Message, observation: Any) -> None:
         path = request.opt.uri_path
         content_format = _accepted(request, LATEST_FORMATS)
-        device = self._ingest.known_device(path[0]) if len(path) == 1 else None
+        device = await self._ingest.known_device(path[0]) if len(path) == 1 else None
         if request.code != Code.GET or device is None or content_format is None:
             _refuse(observation)
             return

@@ -54,7 +54,7 @@ class ReadingsResource(GatewayResource, resource.PathCapable):  # type: ignore[m
             raise NotAcceptableError(
                 f"accept {content_format} not available; use 60, 50, 112 or 110", device=name
             )
-        device = self._ingest.known_device(name)
+        device = await self._ingest.known_device(name)
         if device is None:
             raise UnknownDeviceError(f"unknown device {name!r:.70}", device=name)
         values = await latest_values(self._reader, device.id)

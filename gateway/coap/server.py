@@ -15,6 +15,7 @@ Two choices here are about speed, measured with bench/ (docs/performance.md):
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import struct
@@ -25,6 +26,12 @@ from typing import Any
 
 import structlog
 from aiocoap import Context, resource
+from aiocoap.transports.simplesocketserver import (
+    MessageInterfaceSimpleServer,
+    _DatagramServerSocketSimple,
+)
+from aiocoap.transports.udp6 import MessageInterfaceUDP6
+from aiocoap.util import hostportjoin
 from aiocoap.util.linkformat import Link, LinkFormat
 
 from gateway.coap.base import route
@@ -184,6 +191,55 @@ class GatewaySite:
         return LinkFormat([entry.link() for entry in self._published])
 
 
+async def serve_socket(root: Any, sock: socket.socket, transport: str) -> Any:
+    """An aiocoap server context on a socket bound already, with the named transport.
+
+    aiocoap binds its own sockets; this builds what `Context.create_server_context` would,
+    with the same message and token layers, around the given socket instead.
+    """
+    loop = asyncio.get_running_loop()
+    context = Context(loop=loop, serversite=root)
+    sock.setblocking(False)
+    if transport == "udp6":
+
+        async def udp6(manager: Any) -> Any:
+            return await MessageInterfaceUDP6._create_transport_endpoint(
+                sock, manager, context.log, loop
+            )
+
+        await context._append_tokenmanaged_messagemanaged_transport(udp6)
+    else:
+        interface = _adopting_simple_server(sock)
+        host, port = sock.getsockname()[:2]
+
+        async def simple(manager: Any) -> Any:
+            return await interface.create_server((host, port), manager, log=context.log, loop=loop)
+
+        await context._append_tokenmanaged_messagemanaged_transport(simple)
+    return context
+
+
+def _adopting_simple_server(sock: socket.socket) -> Any:
+    """aiocoap's `simplesocketserver` interface, serving `sock` instead of binding one."""
+
+    class AdoptedSocket(_DatagramServerSocketSimple):  # type: ignore[misc]
+        @classmethod
+        async def create(cls, bind: Any, log: Any, loop: Any, message_interface: Any) -> Any:
+            ready = loop.create_future()
+            _, protocol = await loop.create_datagram_endpoint(
+                lambda: cls(ready.set_result, message_interface, log), sock=sock
+            )
+            protocol.hostinfo_local = hostportjoin(bind[0], bind[1])
+            server_socket = await ready
+            server_socket._loop = loop
+            return server_socket
+
+    class AdoptingServer(MessageInterfaceSimpleServer):  # type: ignore[misc]
+        _serversocket = AdoptedSocket
+
+    return AdoptingServer
+
+
 class CoapServer:
     def __init__(
         self,
@@ -196,6 +252,7 @@ class CoapServer:
         extra_transports: tuple[str, ...] = (),
         server_credentials: Any = None,
         fast_lane: ReadingsFastLane | None = None,
+        sock: socket.socket | None = None,
     ) -> None:
         self._site = site
         #: What the context serves: the site itself, or a wrapper around it (security).
@@ -205,15 +262,21 @@ class CoapServer:
         self._bind = bind
         self._port = port
         self._fast_lane = fast_lane
+        #: A socket bound already (a worker's seat in a SO_REUSEPORT group), served instead
+        #: of binding `bind`:`port`.
+        self._sock = sock
         self.context: Any = None
 
     async def __aenter__(self) -> CoapServer:
-        self.context = await Context.create_server_context(
-            self._root,
-            bind=(self._bind, self._port),
-            transports=self._transports,
-            server_credentials=self._server_credentials,
-        )
+        if self._sock is not None:
+            self.context = await serve_socket(self._root, self._sock, self._transports[0])
+        else:
+            self.context = await Context.create_server_context(
+                self._root,
+                bind=(self._bind, self._port),
+                transports=self._transports,
+                server_credentials=self._server_credentials,
+            )
         if "simplesocketserver" in self._transports:
             report_icmp_errors(self.context)
         if self._fast_lane is not None:

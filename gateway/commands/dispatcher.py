@@ -58,8 +58,12 @@ class CommandDispatcher:
         reader: aiosqlite.Connection,
         context: Callable[[], Any],
         clock: Callable[[], float] = time.time,
+        reaches: Callable[[str | None], bool] = lambda address: True,
     ) -> None:
         self._config = config
+        #: Whether this process may send to an address: with several workers, only the one
+        #: the device's answers reach (gateway/coap/steering.py).
+        self._reaches = reaches
         self._writer = writer
         self._reader = reader
         self._context = context
@@ -149,7 +153,9 @@ class CommandDispatcher:
     # --- the loop -----------------------------------------------------------------------
 
     async def run(self) -> None:
-        requeued = await self._writer.transaction(store.requeue_sent)
+        requeued = await self._writer.transaction(
+            lambda conn: store.requeue_sent(conn, reaches=self._reaches)
+        )
         if requeued:
             log.info("command.requeued", commands=requeued)
         async with asyncio.TaskGroup() as deliveries:
@@ -179,7 +185,7 @@ class CommandDispatcher:
             deliveries.create_task(self._deliver(name), name=f"commands.deliver[{name}]")
 
     def _reachable(self, item: store.Pending, now: float) -> bool:
-        if not item.online or item.address is None:
+        if not item.online or item.address is None or not self._reaches(item.address):
             return False
         return not item.queue_mode or self.window_open(item.command.device, now)
 

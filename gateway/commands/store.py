@@ -3,6 +3,7 @@ own); every state change is checked against `gateway.core.commands.TRANSITIONS`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -278,12 +279,19 @@ async def settle(
     await _record_result(conn, command_id, now)
 
 
-async def requeue_sent(conn: aiosqlite.Connection) -> int:
-    """After a restart, commands that were sent but never answered are queued again."""
+async def requeue_sent(
+    conn: aiosqlite.Connection, *, reaches: Callable[[str | None], bool] | None = None
+) -> int:
+    """After a restart, commands that were sent but never answered are queued again;
+    with `reaches`, only those to devices at an address it accepts (this worker's)."""
     async with conn.execute(
-        f"SELECT {COMMAND_COLUMNS} {COMMAND_FROM} WHERE c.state = 'sent'"
+        f"SELECT {COMMAND_COLUMNS}, d.address {COMMAND_FROM} WHERE c.state = 'sent'"
     ) as cursor:
-        stuck = [_command(row) for row in await cursor.fetchall()]
+        stuck = [
+            _command(row[:-1])
+            for row in await cursor.fetchall()
+            if reaches is None or reaches(row[-1])
+        ]
     for command in stuck:
         await _move(conn, command, CommandState.QUEUED, error="gateway restarted before answer")
     return len(stuck)

@@ -76,8 +76,12 @@ class DeviceObserver:
         reader: aiosqlite.Connection,
         context: Callable[[], Any],
         clock: Callable[[], float] = time.monotonic,
+        reaches: Callable[[str | None], bool] = lambda address: True,
     ) -> None:
         self._config = config
+        #: Whether this process may talk to an address: with several workers, only the one
+        #: the device's datagrams reach gets its notifications (gateway/coap/steering.py).
+        self._reaches = reaches
         self._ingest = ingest
         self._reader = reader
         self._context = context
@@ -169,6 +173,8 @@ class DeviceObserver:
 
     def _start(self, device: str, address: str, paths: tuple[str, ...]) -> None:
         self._stop(device)
+        if not self._reaches(address):
+            return
         observed = self._observed[device] = _Observed(device, address, paths)
         assert self._tasks is not None
         for path in paths:

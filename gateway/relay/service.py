@@ -74,7 +74,11 @@ class Relay:
         self._reader = reader
         self._clock = clock
         self.sinks = dict(sinks)
-        self.stats = {name: SinkStats() for name in self.sinks}
+        # Without sinks of its own (a worker process other than worker 0), the relay still
+        # counts every configured sink's outbox, for back-pressure on what this process
+        # stores; the depths are read again from the database every status interval.
+        counted = list(self.sinks) or [sink.name for sink in config.sinks]
+        self.stats = {name: SinkStats() for name in counted}
         rng = rng or random.Random()
         self.workers = {
             name: SinkWorker(
@@ -118,7 +122,7 @@ class Relay:
 
     def tasks(self) -> list[tuple[str, Coroutine[Any, Any, None]]]:
         if not self.sinks:
-            return []
+            return [("relay.depths", self._depths_loop())] if self.stats else []
         named = [(f"relay[{name}].worker", worker.run()) for name, worker in self.workers.items()]
         named.append(("relay.status", self._status_loop()))
         return named
@@ -194,7 +198,7 @@ class Relay:
         return [
             SinkSnapshot(
                 sink=name,
-                connected=self.sinks[name].connected,
+                connected=name in self.sinks and self.sinks[name].connected,
                 depth=stats.depth,
                 sent=stats.sent,
                 sent_per_s=stats.sent_per_s,
@@ -238,6 +242,14 @@ class Relay:
         ]
         names = list(self.sinks)
         await self._writer.transaction(lambda c: store.write_status(c, figures, keep=names))
+
+    async def _depths_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._config.status_interval)
+            try:
+                await self.resync()
+            except sqlite3.Error as exc:
+                log.warning("relay.status_failed", error=str(exc))
 
     async def _status_loop(self) -> None:
         while True:

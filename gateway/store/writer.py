@@ -12,6 +12,7 @@ The queue is bounded: when `max_pending` requests wait, `submit` refuses with
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import sqlite3
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -94,6 +95,9 @@ class StoreWriter:
         self._listeners: list[CommitListener] = []
         self._hooks: list[CommitHook] = []
         self._closing = False
+        #: Id ranges of the readings this writer inserted, recorded before their COMMIT so
+        #: that a reader who sees the rows can tell them from other processes' (`StoreFeed`).
+        self.own_reading_ids: collections.deque[tuple[int, int]] | None = None
         self.stats = WriterStats()
 
     def add_commit_listener(self, listener: CommitListener) -> None:
@@ -227,6 +231,7 @@ class StoreWriter:
             conn.executemany(INSERT_READING, _reading_rows(batches))
             conn.executemany(UPDATE_LAST_SEEN, _last_seen_rows(batches))
             stored = _stored(batches, conn.execute(SELECT_NEW_READINGS, (before,)).fetchall())
+            self._record_own(stored)
             conn.execute("COMMIT")
         except BaseException:
             with contextlib.suppress(sqlite3.Error):
@@ -241,7 +246,14 @@ class StoreWriter:
         await self._conn.executemany(UPDATE_LAST_SEEN, _last_seen_rows(batches))
         async with self._conn.execute(SELECT_NEW_READINGS, (before,)) as cursor:
             fetched = await cursor.fetchall()
-        return _stored(batches, fetched)
+        stored = _stored(batches, fetched)
+        self._record_own(stored)
+        return stored
+
+    def _record_own(self, stored: list[StoredReading]) -> None:
+        # Inside the transaction: its ids are contiguous, as it holds the write lock.
+        if self.own_reading_ids is not None and stored:
+            self.own_reading_ids.append((stored[0].id, stored[-1].id))
 
 
 def _reading_rows(batches: list[ReadingBatch]) -> list[tuple[Any, ...]]:

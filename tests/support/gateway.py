@@ -97,9 +97,12 @@ async def post(
 class GatewayProcess:
     """`python -m gateway serve` as a child process, its JSON log lines collected."""
 
-    def __init__(self, config: GatewayConfig, *, config_file: Path | None = None) -> None:
+    def __init__(
+        self, config: GatewayConfig, *, config_file: Path | None = None, workers: int = 1
+    ) -> None:
         self.config = config
         self.config_file = config_file
+        self.workers = workers
         self.url = base_url(config)
         self.events: list[dict[str, Any]] = []
         self._process: subprocess.Popen[bytes] | None = None
@@ -123,13 +126,15 @@ class GatewayProcess:
         ]
         if self.config_file is not None:
             command += ["--config", str(self.config_file)]
+        if self.workers > 1:
+            command += ["--workers", str(self.workers)]
         env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
         started = len(self.events_named("gateway.started"))
         self._process = subprocess.Popen(
             command, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
         )
         threading.Thread(target=self._read, args=(self._process,), daemon=True).start()
-        self.wait_for_event("gateway.started", count=started + 1, timeout=timeout)
+        self.wait_for_event("gateway.started", count=started + self.workers, timeout=timeout)
 
     def _read(self, process: subprocess.Popen[bytes]) -> None:
         assert process.stderr is not None
@@ -148,6 +153,11 @@ class GatewayProcess:
     @property
     def pid(self) -> int | None:
         return None if self._process is None else self._process.pid
+
+    def worker_pid(self, index: int) -> int:
+        """The process id of worker `index` as last started (several workers)."""
+        started = [e for e in self.events_named("worker.started") if e["worker"] == index]
+        return int(started[-1]["pid"])
 
     def events_named(self, name: str) -> list[dict[str, Any]]:
         with self._lock:
