@@ -206,13 +206,14 @@ class Gateway:
             self.writer.own_reading_ids,
             interval=self.config.server.feed_interval,
         )
-        feed.add_reading_listener(self.readings.on_commit)
-        # Every worker counts the outbox all of them fill, for back-pressure.
-        feed.add_reading_listener(self.relay.on_commit)
-        if self.seat.primary:
+        feed.add_reading_listener(self.readings.on_commit, wanted=self.readings.observed)
+        if self.config.sinks:
+            # Every worker counts the outbox all of them fill, for back-pressure.
+            feed.add_reading_listener(self.relay.on_commit)
+        if self.seat.primary and self.config.sinks:
             feed.add_reading_listener(lambda readings: self.relay.wake())
-            if self.config.rules:
-                feed.add_reading_listener(self.rules.on_commit)
+        if self.seat.primary and self.config.rules:
+            feed.add_reading_listener(self.rules.on_commit)
         else:
             # Worker 0 decides alerts and lists; the others notify their observers.
             feed.add_change_listener("alerts", self._alerts.updated_state)

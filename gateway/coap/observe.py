@@ -92,6 +92,10 @@ class ObservableReadingsResource(ReadingsResource, interfaces.ObservableResource
                 listener(path[0], peer)
         return response
 
+    def observed(self) -> bool:
+        """Whether any device is or was observed (else commits need not be looked at)."""
+        return bool(self._latest)
+
     def on_commit(self, readings: Sequence[StoredReading]) -> None:
         """Store commit listener: remember the new values, mark their devices changed."""
         for reading in readings:

@@ -68,7 +68,7 @@ class StoreFeed:
         self._registry = registry
         self._own = OwnIds(own)
         self._interval = interval
-        self._readings: list[CommitListener] = []
+        self._readings: list[tuple[CommitListener, Callable[[], bool]]] = []
         self._changes: dict[str, list[Callable[[], None]]] = {}
         self._data_version: int | None = None
         self._last_id = 0
@@ -76,8 +76,12 @@ class StoreFeed:
         #: Readings handed on since start (for status and tests).
         self.readings = 0
 
-    def add_reading_listener(self, listener: CommitListener) -> None:
-        self._readings.append(listener)
+    def add_reading_listener(
+        self, listener: CommitListener, *, wanted: Callable[[], bool] = lambda: True
+    ) -> None:
+        """`listener(readings)` with the other workers' readings, whenever `wanted()`: with
+        no listener wanting them, the feed skips them without reading them."""
+        self._readings.append((listener, wanted))
 
     def add_change_listener(self, topic: str, listener: Callable[[], None]) -> None:
         """`listener()` after another process changed `topic` (`alerts`, `lists`)."""
@@ -121,6 +125,11 @@ class StoreFeed:
         return more
 
     async def _read_readings(self) -> bool:
+        listeners = [listener for listener, wanted in self._readings if wanted()]
+        if not listeners:
+            self._last_id = await self._scalar(SELECT_LAST_READING_ID)
+            self._own.forget_through(self._last_id)
+            return False
         async with self._reader.execute(
             SELECT_FOREIGN_READINGS, (self._last_id, FEED_BATCH)
         ) as cursor:
@@ -130,7 +139,7 @@ class StoreFeed:
         self._last_id = rows[-1][0]
         foreign = [row for row in rows if not self._own.contains(row[0])]
         self._own.forget_through(self._last_id)
-        if foreign and self._readings:
+        if foreign:
             devices = await self._registry.by_ids({row[1] for row in foreign}, self._reader)
             readings = [
                 StoredReading(
@@ -147,7 +156,7 @@ class StoreFeed:
                 if row[1] in devices
             ]
             self.readings += len(readings)
-            for listener in self._readings:
+            for listener in listeners:
                 _call(listener, readings)
         return len(rows) == FEED_BATCH
 
