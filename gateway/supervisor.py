@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import os
 import signal
 import socket
 import sys
@@ -45,7 +47,7 @@ def worker_command(serve_args: Sequence[str]) -> WorkerCommand:
     """How to start worker `index` of `count` on socket `fd`: this same `gateway serve`."""
 
     def command(index: int, count: int, fd: int) -> Sequence[str]:
-        seat = f"{index}:{count}:{fd}"
+        seat = f"{index}:{count}:{fd}:{os.getpid()}"
         return [sys.executable, "-m", "gateway", "serve", *serve_args, "--worker-seat", seat]
 
     return command
@@ -146,6 +148,22 @@ class Supervisor:
                 with contextlib.suppress(ProcessLookupError):
                     process.kill()
         return await waiting
+
+
+#: prctl(2) option: the signal this process gets when its parent dies (Linux).
+PR_SET_PDEATHSIG = 1
+
+
+def follow_supervisor(supervisor_pid: int) -> None:
+    """In a worker: be stopped (SIGTERM) when the supervisor dies, even killed outright.
+
+    Orphaned workers would keep serving the port beside the workers of a new supervisor,
+    whose steering program counts only its own sockets.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != supervisor_pid:  # it died before the line above
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 async def supervise(config: GatewayConfig, command: WorkerCommand) -> int:

@@ -13,7 +13,7 @@ from gateway.coap.steering import WorkerSeat
 from gateway.config import check_config
 from gateway.errors import ConfigError, GatewayError
 from gateway.logsetup import configure_logging
-from gateway.supervisor import supervise, worker_command
+from gateway.supervisor import follow_supervisor, supervise, worker_command
 
 # --- serve --------------------------------------------------------------------------------
 
@@ -32,7 +32,9 @@ from gateway.supervisor import supervise, worker_command
     type=click.IntRange(min=1),
     help="Worker processes on the port, about one per core (default server.workers, 1).",
 )
-@click.option("--worker-seat", hidden=True, help="INDEX:COUNT:FD, given by the supervisor.")
+@click.option(
+    "--worker-seat", hidden=True, help="INDEX:COUNT:FD:SUPERVISOR, given by the supervisor."
+)
 def serve(
     bind: str | None,
     port: int | None,
@@ -70,7 +72,9 @@ def serve(
         raise Failure(str(exc)) from exc
     try:
         if worker_seat is not None:
-            asyncio.run(serve_gateway(config, seat=_seat(worker_seat)))
+            seat, supervisor = _seat(worker_seat)
+            follow_supervisor(supervisor)
+            asyncio.run(serve_gateway(config, seat=seat))
         elif config.server.workers > 1:
             forwarded = _forwarded(
                 bind=bind,
@@ -103,9 +107,12 @@ def _forwarded(**options: object) -> list[str]:
     return args
 
 
-def _seat(text: str) -> WorkerSeat:
+def _seat(text: str) -> tuple[WorkerSeat, int]:
+    """The seat and the supervisor's process id, from INDEX:COUNT:FD:SUPERVISOR."""
     try:
-        index, count, fd = (int(part) for part in text.split(":"))
+        index, count, fd, supervisor = (int(part) for part in text.split(":"))
     except ValueError:
-        raise click.BadParameter("expected INDEX:COUNT:FD", param_hint="--worker-seat") from None
-    return WorkerSeat(index, count, socket.socket(fileno=fd))
+        raise click.BadParameter(
+            "expected INDEX:COUNT:FD:SUPERVISOR", param_hint="--worker-seat"
+        ) from None
+    return WorkerSeat(index, count, socket.socket(fileno=fd)), supervisor

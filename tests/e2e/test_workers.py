@@ -322,3 +322,20 @@ async def test_rules_on_worker_0_decide_on_readings_stored_by_the_other(
         assert served_by(process, "rules.alert_raised", "fridge-1") == {0}
     finally:
         process.stop()
+
+
+async def test_workers_stop_when_the_supervisor_is_killed(workers: GatewayProcess) -> None:
+    pids = [workers.worker_pid(index) for index in range(WORKERS)]
+    workers.kill()  # SIGKILL: the supervisor cannot tell anyone
+
+    def alive(pid: int) -> bool:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (FileNotFoundError, ProcessLookupError):
+            return False
+        return state != "Z"
+
+    await wait_until(lambda: not any(alive(pid) for pid in pids), within=15)
+    # Nothing holds the port any more: it can be bound without SO_REUSEPORT.
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", workers.config.server.port))
