@@ -21,19 +21,20 @@ from typing import Any
 import aiosqlite
 import structlog
 
-from gateway.core.model import StoredReading, value_from_row
 from gateway.registry import Registry
-from gateway.store.writer import SELECT_LAST_READING_ID, CommitListener
+from gateway.store.writer import (
+    READING_COLUMNS,
+    SELECT_LAST_READING_ID,
+    CommitListener,
+    stored_readings,
+)
 
 log = structlog.get_logger(__name__)
 
 #: Most readings handed on per look; the rest are read at the next one, at once.
 FEED_BATCH = 5_000
 
-SELECT_FOREIGN_READINGS = (
-    "SELECT id, device_id, measurement, value, kind, unit, device_time, received_at, seq"
-    " FROM readings WHERE id > ? ORDER BY id LIMIT ?"
-)
+SELECT_FOREIGN_READINGS = f"SELECT {READING_COLUMNS} FROM readings WHERE id > ? ORDER BY id LIMIT ?"
 
 
 class OwnIds:
@@ -141,20 +142,7 @@ class StoreFeed:
         self._own.forget_through(self._last_id)
         if foreign:
             devices = await self._registry.by_ids({row[1] for row in foreign}, self._reader)
-            readings = [
-                StoredReading(
-                    id=row[0],
-                    device=devices[row[1]],
-                    measurement=row[2],
-                    value=value_from_row(row[3], row[4]),
-                    unit=row[5],
-                    device_time=row[6],
-                    received_at=row[7],
-                    seq=row[8],
-                )
-                for row in foreign
-                if row[1] in devices
-            ]
+            readings = stored_readings(foreign, devices)
             self.readings += len(readings)
             for listener in listeners:
                 _call(listener, readings)

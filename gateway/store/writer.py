@@ -15,7 +15,7 @@ import asyncio
 import collections
 import contextlib
 import sqlite3
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -45,10 +45,8 @@ UPDATE_LAST_SEEN = "UPDATE devices SET last_seen = ?, address = coalesce(?, addr
 # Taken inside the write transaction, so rows another process committed before are not
 # mistaken for this batch's (several gateway processes may share one database).
 SELECT_LAST_READING_ID = "SELECT coalesce(max(id), 0) FROM readings"
-SELECT_NEW_READINGS = (
-    "SELECT id, device_id, measurement, value, kind, unit, device_time, received_at, seq"
-    " FROM readings WHERE id > ? ORDER BY id"
-)
+READING_COLUMNS = "id, device_id, measurement, value, kind, unit, device_time, received_at, seq"
+SELECT_NEW_READINGS = f"SELECT {READING_COLUMNS} FROM readings WHERE id > ? ORDER BY id"
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,7 +280,11 @@ def _last_seen_rows(batches: list[ReadingBatch]) -> list[tuple[Any, ...]]:
 
 
 def _stored(batches: list[ReadingBatch], fetched: Iterable[Any]) -> list[StoredReading]:
-    devices = {batch.device.id: batch.device for batch in batches}
+    return stored_readings(fetched, {batch.device.id: batch.device for batch in batches})
+
+
+def stored_readings(rows: Iterable[Any], devices: Mapping[int, Device]) -> list[StoredReading]:
+    """Rows of `READING_COLUMNS` as readings; rows of a device not in `devices` are left out."""
     return [
         StoredReading(
             id=row[0],
@@ -294,5 +296,6 @@ def _stored(batches: list[ReadingBatch], fetched: Iterable[Any]) -> list[StoredR
             received_at=row[7],
             seq=row[8],
         )
-        for row in fetched
+        for row in rows
+        if row[1] in devices
     ]

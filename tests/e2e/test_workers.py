@@ -67,6 +67,16 @@ def workers(tmp_path: Path) -> Iterator[GatewayProcess]:
         process.stop()
 
 
+def relaying_workers(
+    tmp_path: Path, mosquitto: Mosquitto, **sections: dict[str, Any]
+) -> GatewayProcess:
+    """Two workers relaying every reading to `mosquitto`; `sections` add to the config file."""
+    config_file = tmp_path / "gateway.toml"
+    sink = {"name": "broker", "type": "mqtt", "url": mosquitto.url}
+    config_file.write_text(toml({"sinks": [sink], "routes": [{"sink": "broker"}], **sections}))
+    return GatewayProcess(gateway_config(tmp_path), config_file=config_file, workers=WORKERS)
+
+
 def served_by(process: GatewayProcess, event: str, device: str) -> set[int]:
     return {e["worker"] for e in process.events_named(event) if e.get("device") == device}
 
@@ -126,18 +136,8 @@ def test_workers_refuse_per_process_security_state(tmp_path: Path) -> None:
 async def test_readings_to_either_worker_are_stored_and_relayed_once(
     tmp_path: Path, mosquitto: Mosquitto
 ) -> None:
-    config = gateway_config(tmp_path)
-    config_file = tmp_path / "gateway.toml"
-    config_file.write_text(
-        toml(
-            {
-                "sinks": [{"name": "broker", "type": "mqtt", "url": mosquitto.url}],
-                "routes": [{"sink": "broker"}],
-                "relay": {"retry": FAST_RETRY},
-            }
-        )
-    )
-    process = GatewayProcess(config, config_file=config_file, workers=WORKERS)
+    process = relaying_workers(tmp_path, mosquitto, relay={"retry": FAST_RETRY})
+    config = process.config
     try:
         process.start()
         async with (
@@ -251,19 +251,13 @@ async def test_a_killed_worker_is_restarted_on_its_seat_and_nothing_is_lost(
 
 async def test_outbox_bound_holds_on_every_worker(tmp_path: Path, mosquitto: Mosquitto) -> None:
     mosquitto.stop()  # nothing drains: the outbox only grows
-    config = gateway_config(tmp_path)
-    config_file = tmp_path / "gateway.toml"
-    config_file.write_text(
-        toml(
-            {
-                "sinks": [{"name": "broker", "type": "mqtt", "url": mosquitto.url}],
-                "routes": [{"sink": "broker"}],
-                "relay": {"max_outbox": 6, "policy": "refuse", "status_interval": 0.2},
-                "server": {"feed_interval": 0.02},
-            }
-        )
+    process = relaying_workers(
+        tmp_path,
+        mosquitto,
+        relay={"max_outbox": 6, "policy": "refuse", "status_interval": 0.2},
+        server={"feed_interval": 0.02},
     )
-    process = GatewayProcess(config, config_file=config_file, workers=WORKERS)
+    config = process.config
     try:
         process.start()
         async with client_on_worker(0) as first, client_on_worker(1) as second:
