@@ -20,7 +20,7 @@ import json
 import math
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import cbor2
 
@@ -67,13 +67,15 @@ SENML_CBOR_LABELS = {
 SENML_JSON_LABELS = {name: label for label, name in SENML_CBOR_LABELS.items()}
 
 
-@dataclass(frozen=True, slots=True)
-class Measurement:
+class Measurement(NamedTuple):
     """One named value a device reported.
 
     `key` is the idempotency key that makes a retried request harmless: built from the
     device's `seq` when it sent one, else from an absolute device time, else None (only
     message-layer deduplication protects it then).
+
+    A named tuple rather than a frozen dataclass: as immutable, and built in less than half
+    the time, which counts at one per record of every SenML pack.
     """
 
     name: str

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Literal
 
 from gateway.core.readings import Measurement, Value
@@ -136,7 +136,7 @@ def _check_one(measurement: Measurement, schema: Schema, limits: Limits) -> Meas
                 f"{name}: {value} is above the maximum {spec.maximum:g}", field=name
             )
     if spec.unit is not None and measurement.unit is None:
-        return replace(measurement, unit=spec.unit)
+        return measurement._replace(unit=spec.unit)
     return measurement
 
 
