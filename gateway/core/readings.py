@@ -340,7 +340,9 @@ def _from_senml(document: Any, *, cbor_labels: bool, now: float) -> list[Measure
         if unit is not None and unit.__class__ is not str and not isinstance(unit, str):
             raise ValidationError(f"{name}: SenML u must be a string", field=name)
         offset = record.get(LABEL_T, 0.0)
-        if offset.__class__ is not float or not -math.inf < offset < math.inf:
+        if offset.__class__ is int:  # CBOR's shortest form of a whole second
+            offset = float(offset)
+        elif offset.__class__ is not float or not -math.inf < offset < math.inf:
             offset = _check_time("t", offset)
         resolved = base_time + offset
         if resolved >= SENML_RELATIVE_TIME_LIMIT:
