@@ -44,6 +44,26 @@ def peer_of(request: Message) -> str | None:
     return peer
 
 
+class LogContext:
+    """`structlog.contextvars.bound_contextvars`, cheaper: every request enters two.
+
+    That one reads back every context variable of the task to save the values it shadows;
+    this one keeps the tokens of setting its own and resets them, which restores the same
+    values (or none) for a few microseconds less per request.
+    """
+
+    __slots__ = ("_tokens", "_values")
+
+    def __init__(self, **values: Any) -> None:
+        self._values = values
+
+    def __enter__(self) -> None:
+        self._tokens = structlog.contextvars.bind_contextvars(**self._values)
+
+    def __exit__(self, *exc_info: object) -> None:
+        structlog.contextvars.reset_contextvars(**self._tokens)
+
+
 def route(request: Message, path: tuple[str, ...], remainder: tuple[str, ...]) -> None:
     """Hand `request` on to a resource matched by a prefix of `path`: the resource sees only
     `remainder`, and `routed_path` keeps the whole path for routing again and for logs."""
@@ -79,7 +99,7 @@ class GatewayResource(resource.Resource):  # type: ignore[misc]
 
     async def render(self, request: Message) -> Message:
         peer = peer_of(request)
-        with structlog.contextvars.bound_contextvars(peer=peer):
+        with LogContext(peer=peer):
             try:
                 response: Message = await super().render(request)
             except DeviceError as exc:

@@ -7,7 +7,7 @@ import structlog
 from aiocoap import Message, resource
 from aiocoap.numbers.codes import Code
 
-from gateway.coap.base import GatewayResource, peer_of, single_path_segment
+from gateway.coap.base import GatewayResource, LogContext, peer_of, single_path_segment
 from gateway.core.readings import CF_CBOR, CF_JSON, CF_SENML_CBOR, CF_SENML_JSON, encode_latest
 from gateway.errors import NotAcceptableError, UnknownDeviceError
 from gateway.ingest import Ingest
@@ -39,7 +39,7 @@ class ReadingsResource(GatewayResource, resource.PathCapable):  # type: ignore[m
 
     async def render_post(self, request: Message) -> Message:
         device = single_path_segment(request, "r")
-        with structlog.contextvars.bound_contextvars(device=device):
+        with LogContext(device=device):
             result = await self._ingest.post(
                 device, request.payload, request.opt.content_format, address=peer_of(request)
             )

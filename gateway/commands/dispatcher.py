@@ -96,7 +96,10 @@ class CommandDispatcher:
         # Called for every group commit: waking the loop (two queries) only for devices
         # known to have commands keeps ingest from paying for the command queue. Commands
         # queued by another process are found by the next poll, within the wake window.
-        for device in {reading.device for reading in readings}:
+        # Keyed by name: a str keeps its hash, a Device hashes its fields every time, and a
+        # commit holds a reading per record of every pack.
+        devices = {reading.device.name: reading.device for reading in readings}
+        for device in devices.values():
             self._opened(device.name, device.type, wake=device.name in self._queued)
 
     def on_address(self, device: str, address: str) -> None:

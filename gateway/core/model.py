@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from gateway.core.readings import Value
 
@@ -14,9 +15,12 @@ class Device:
     type: str
 
 
-@dataclass(frozen=True, slots=True)
-class StoredReading:
-    """A reading as committed: `id` is its stable message id downstream."""
+class StoredReading(NamedTuple):
+    """A reading as committed: `id` is its stable message id downstream.
+
+    A named tuple, like `Measurement` and for the same reason: one is built for every
+    committed reading, and a frozen dataclass takes more than twice as long to build.
+    """
 
     id: int
     device: Device

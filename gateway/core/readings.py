@@ -20,7 +20,7 @@ import json
 import math
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import cbor2
 
@@ -67,13 +67,15 @@ SENML_CBOR_LABELS = {
 SENML_JSON_LABELS = {name: label for label, name in SENML_CBOR_LABELS.items()}
 
 
-@dataclass(frozen=True, slots=True)
-class Measurement:
+class Measurement(NamedTuple):
     """One named value a device reported.
 
     `key` is the idempotency key that makes a retried request harmless: built from the
     device's `seq` when it sent one, else from an absolute device time, else None (only
     message-layer deduplication protects it then).
+
+    A named tuple rather than a frozen dataclass: as immutable, and built in less than half
+    the time, which counts at one per record of every SenML pack.
     """
 
     name: str
@@ -109,9 +111,9 @@ def decode_readings(payload: bytes, content_format: int | None, *, now: float) -
     if content_format == CF_JSON:
         return list(_from_plain(load_json(payload)))
     if content_format == CF_SENML_CBOR:
-        return list(_from_senml(load_cbor(payload), cbor_labels=True, now=now))
+        return _from_senml(load_cbor(payload), cbor_labels=True, now=now)
     if content_format == CF_SENML_JSON:
-        return list(_from_senml(load_json(payload), cbor_labels=False, now=now))
+        return _from_senml(load_json(payload), cbor_labels=False, now=now)
     check_reading_format(content_format)
     raise AssertionError("unreachable")
 
@@ -250,102 +252,153 @@ def _from_plain_map(document: Mapping[Any, Any]) -> Iterator[Measurement]:
         raise ValidationError("no measurements in map")
 
 
-def _senml_records(document: Any, *, cbor_labels: bool) -> Iterable[dict[str, Any]]:
+# The SenML-CBOR labels the decoder reads (RFC 8428 §6). A JSON record is translated to
+# these first, so both encodings share one decoder.
+LABEL_BVER = -1
+LABEL_BN = -2
+LABEL_BT = -3
+LABEL_BU = -4
+LABEL_BV = -5
+LABEL_N = 0
+LABEL_U = 1
+LABEL_V = 2
+LABEL_VS = 3
+LABEL_VB = 4
+LABEL_S = 5
+LABEL_T = 6
+LABEL_VD = 8
+#: A record has one value; "v" with "s" (a value and a sum) is the one pair allowed, and
+#: its value is "v".
+VALUE_LABELS = frozenset((LABEL_V, LABEL_VS, LABEL_VB, LABEL_VD, LABEL_S))
+VALUE_AND_SUM = frozenset((LABEL_V, LABEL_S))
+
+
+def _from_senml(document: Any, *, cbor_labels: bool, now: float) -> list[Measurement]:
+    """A SenML pack's measurements, base fields resolved (RFC 8428 §4).
+
+    One pass over the records, reading each by its integer labels, with the common cases
+    (float values and times) checked inline: a pack of 50 records is decoded for every
+    request, so this is the gateway's busiest loop after CBOR itself. The checks and their
+    order are those of the straightforward version kept in tests/unit/senml_reference.py.
+    """
     if not isinstance(document, list) or not document:
         raise ValidationError("SenML pack must be a non-empty array of records")
-    for record in document:
-        if not isinstance(record, Mapping):
-            raise ValidationError(f"SenML records must be maps, not {_type_name(record)}")
-        named: dict[str, Any] = {}
-        for label, value in record.items():
-            if cbor_labels:
-                if isinstance(label, bool) or not isinstance(label, int):
-                    raise ValidationError(f"SenML-CBOR labels must be integers, not {label!r:.20}")
-                name = SENML_CBOR_LABELS.get(label)
-            else:
-                name = label if label in SENML_JSON_LABELS else None
-            if name is None:
-                # RFC 8428 §4.4: labels ending in "_" must be understood; others may be ignored.
-                if isinstance(label, str) and label.endswith("_"):
-                    raise ValidationError(f"SenML: unsupported mandatory label {label!r:.20}")
-                continue
-            named[name] = value
-        yield named
-
-
-def _from_senml(document: Any, *, cbor_labels: bool, now: float) -> Iterator[Measurement]:
+    measurements: list[Measurement] = []
     base_name = ""
+    # A base name ending in ":" or "/" (e.g. "urn:dev:ow:10e2073a01080063:", or the device's
+    # own name) identifies the device, which the URI path already does; the measurement
+    # keeps its own name. Any other base name is a plain prefix.
+    base_names_device = False
     base_time = 0.0
     base_unit: str | None = None
     base_value = 0.0
-    found = False
-    for record in _senml_records(document, cbor_labels=cbor_labels):
-        if "bver" in record and (
-            isinstance(record["bver"], bool) or not isinstance(record["bver"], int)
-        ):
-            raise ValidationError("SenML bver must be an integer", field="bver")
-        if "bn" in record:
-            if not isinstance(record["bn"], str):
-                raise ValidationError("SenML bn must be a string", field="bn")
-            base_name = record["bn"]
-        if "bt" in record:
-            base_time = _check_time("bt", record["bt"])
-        if "bu" in record:
-            if not isinstance(record["bu"], str):
-                raise ValidationError("SenML bu must be a string", field="bu")
-            base_unit = record["bu"]
-        if "bv" in record:
-            base_value = _check_time("bv", record["bv"])
-        value_labels = [label for label in ("v", "vs", "vb", "vd", "s") if label in record]
-        if not value_labels:
-            if "n" in record:
-                raise ValidationError(f"SenML record {record['n']!r:.40} has no value")
+    for item in document:
+        record = _cbor_record(item) if cbor_labels else _json_record(item)
+        if record and min(record) < 0:  # labels are ints by now; base fields are negative
+            if LABEL_BVER in record and (
+                isinstance(record[LABEL_BVER], bool) or not isinstance(record[LABEL_BVER], int)
+            ):
+                raise ValidationError("SenML bver must be an integer", field="bver")
+            if LABEL_BN in record:
+                base_name = record[LABEL_BN]
+                if not isinstance(base_name, str):
+                    raise ValidationError("SenML bn must be a string", field="bn")
+                base_names_device = base_name.endswith((":", "/"))
+            if LABEL_BT in record:
+                base_time = _check_time("bt", record[LABEL_BT])
+            if LABEL_BU in record:
+                base_unit = record[LABEL_BU]
+                if not isinstance(base_unit, str):
+                    raise ValidationError("SenML bu must be a string", field="bu")
+            if LABEL_BV in record:
+                base_value = _check_time("bv", record[LABEL_BV])
+        value_labels = VALUE_LABELS.intersection(record)
+        if len(value_labels) == 1:
+            (value_label,) = value_labels
+        elif not value_labels:
+            if LABEL_N in record:
+                raise ValidationError(f"SenML record {record[LABEL_N]!r:.40} has no value")
             continue  # a record that only sets base fields
-        if len(value_labels) > 1 and value_labels != ["v", "s"]:
+        elif value_labels == VALUE_AND_SUM:
+            value_label = LABEL_V
+        else:
             raise ValidationError("SenML record has more than one value")
-        name_part = record.get("n", "")
-        if not isinstance(name_part, str):
+        name_part = record.get(LABEL_N, "")
+        if name_part.__class__ is not str and not isinstance(name_part, str):
             raise ValidationError("SenML n must be a string", field="n")
-        # A base name ending in ":" or "/" (e.g. "urn:dev:ow:10e2073a01080063:", or the
-        # device's own name) identifies the device, which the URI path already does; the
-        # measurement keeps its own name. Any other base name is a plain prefix.
-        name = name_part if base_name.endswith((":", "/")) and name_part else base_name + name_part
+        name = name_part if base_names_device and name_part else base_name + name_part
         if not name:
             raise ValidationError("SenML record has no name")
-        value = _senml_value(name, record, value_labels[0], base_value)
-        unit = record.get("u", base_unit)
-        if unit is not None and not isinstance(unit, str):
+        value = record[value_label]
+        if value_label == LABEL_V and value.__class__ is float:
+            value = base_value + value
+            if not -math.inf < value < math.inf:
+                raise ValidationError(f"{name}: value must be finite", field=name)
+        else:
+            value = _senml_value(name, value_label, value, base_value)
+        unit = record.get(LABEL_U, base_unit)
+        if unit is not None and unit.__class__ is not str and not isinstance(unit, str):
             raise ValidationError(f"{name}: SenML u must be a string", field=name)
-        offset = _check_time("t", record["t"]) if "t" in record else 0.0
+        offset = record.get(LABEL_T, 0.0)
+        if offset.__class__ is int:  # CBOR's shortest form of a whole second
+            offset = float(offset)
+        elif offset.__class__ is not float or not -math.inf < offset < math.inf:
+            offset = _check_time("t", offset)
         resolved = base_time + offset
-        # Relative times (and no time at all) mean "about now": no stable idempotency key.
-        absolute = resolved >= SENML_RELATIVE_TIME_LIMIT
-        time = resolved if absolute else now + resolved
-        found = True
-        yield Measurement(
-            name=name,
-            value=value,
-            unit=unit,
-            time=time if absolute or resolved != 0 else None,
-            key=idempotency_key(name, seq=None, time=resolved) if absolute else None,
-        )
-    if not found:
+        if resolved >= SENML_RELATIVE_TIME_LIMIT:
+            # The key is `idempotency_key(name, seq=None, time=resolved)`, written out.
+            key = f"t{resolved!r}/{name}"
+            measurements.append(Measurement(name, value, unit, resolved, None, key))
+        else:
+            # Relative times (and no time at all) mean "about now": no stable idempotency key.
+            time = now + resolved if resolved != 0 else None
+            measurements.append(Measurement(name, value, unit, time, None, None))
+    if not measurements:
         raise ValidationError("SenML pack has no records with values")
+    return measurements
 
 
-def _senml_value(name: str, record: Mapping[str, Any], label: str, base_value: float) -> Value:
-    value = record[label]
-    if label in ("v", "s"):
+def _cbor_record(record: Any) -> dict[Any, Any]:
+    """A SenML-CBOR record whose labels are all integers (unknown ones are ignored)."""
+    if record.__class__ is not dict and not isinstance(record, Mapping):
+        raise ValidationError(f"SenML records must be maps, not {_type_name(record)}")
+    for label in record:
+        # True and 1.0 would find the record's 1 ("u"), so only true integers pass.
+        if label.__class__ is not int and (isinstance(label, bool) or not isinstance(label, int)):
+            raise ValidationError(f"SenML-CBOR labels must be integers, not {label!r:.20}")
+    return record if record.__class__ is dict else dict(record)
+
+
+def _json_record(record: Any) -> dict[int, Any]:
+    """A SenML-JSON record with its known labels as the CBOR integers."""
+    if not isinstance(record, Mapping):
+        raise ValidationError(f"SenML records must be maps, not {_type_name(record)}")
+    labelled: dict[int, Any] = {}
+    for label, value in record.items():
+        number = SENML_JSON_LABELS.get(label)
+        if number is None:
+            # RFC 8428 §4.4: labels ending in "_" must be understood; others may be ignored.
+            if isinstance(label, str) and label.endswith("_"):
+                raise ValidationError(f"SenML: unsupported mandatory label {label!r:.20}")
+            continue
+        labelled[number] = value
+    return labelled
+
+
+def _senml_value(name: str, label: int, value: Any, base_value: float) -> Value:
+    """The value of a record, for every case but the common float "v"."""
+    text_label = SENML_CBOR_LABELS[label]
+    if text_label in ("v", "s"):
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ValidationError(f"{name}: SenML {label} must be a number", field=name)
-        result = base_value + value if label == "v" else value
+            raise ValidationError(f"{name}: SenML {text_label} must be a number", field=name)
+        result = base_value + value if text_label == "v" else value
         return _check_scalar(name, result)
-    if label == "vb":
+    if text_label == "vb":
         if not isinstance(value, bool):
             raise ValidationError(f"{name}: SenML vb must be a bool", field=name)
         return value
     if not isinstance(value, str):  # vs, vd
-        raise ValidationError(f"{name}: SenML {label} must be a string", field=name)
+        raise ValidationError(f"{name}: SenML {text_label} must be a string", field=name)
     return value
 
 

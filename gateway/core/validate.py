@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Literal
 
 from gateway.core.readings import Measurement, Value
@@ -100,32 +100,43 @@ def validate_measurements(
             f"too many fields: {len(measurements)} > {limits.max_fields}", field="fields"
         )
     schema = schema_for(device_type)
+    # A pack is often a series of one measurement: each name is checked, and its spec found,
+    # once per request rather than once per value.
+    specs: dict[str, FieldSpec | None] = {}
     checked: list[Measurement] = []
     for measurement in measurements:
-        checked.append(_check_one(measurement, schema, limits))
+        name = measurement.name
+        if name in specs:
+            spec = specs[name]
+        else:
+            spec = specs[name] = _check_name(name, schema, limits)
+        checked.append(_check_value(measurement, spec, limits))
     return checked
 
 
-def _check_one(measurement: Measurement, schema: Schema, limits: Limits) -> Measurement:
-    name = measurement.name
+def _check_name(name: str, schema: Schema, limits: Limits) -> FieldSpec | None:
+    """The spec of a measurement name that is acceptable (None if the schema has none)."""
     shown = name[:40]
     if len(name) > limits.max_name_length:
         raise ValidationError(f"{shown}: name longer than {limits.max_name_length}", field=shown)
     if not NAME_PATTERN.match(name):
         raise ValidationError(f"{shown!r}: name must match {NAME_PATTERN.pattern}", field=shown)
-    value = measurement.value
+    return schema.spec_for(name)
+
+
+def _check_value(measurement: Measurement, spec: FieldSpec | None, limits: Limits) -> Measurement:
+    """The measurement, its unit filled in from `spec`, if its value and unit are fine."""
+    name, value, unit = measurement.name, measurement.value, measurement.unit
     if isinstance(value, str) and len(value) > limits.max_string_length:
         raise ValidationError(f"{name}: string longer than {limits.max_string_length}", field=name)
-    if measurement.unit is not None and len(measurement.unit) > limits.max_name_length:
+    if unit is not None and len(unit) > limits.max_name_length:
         raise ValidationError(f"{name}: unit too long", field=name)
-    spec = schema.spec_for(name)
     if spec is None:
         return measurement
-    _check_kind(name, value, spec)
-    if spec.unit is not None and measurement.unit not in (None, spec.unit):
-        raise ValidationError(
-            f"{name}: unit {measurement.unit!r:.20} should be {spec.unit!r}", field=name
-        )
+    if not (value.__class__ is float and spec.kind == "number"):  # else the kind is right
+        _check_kind(name, value, spec)
+    if spec.unit is not None and unit not in (None, spec.unit):
+        raise ValidationError(f"{name}: unit {unit!r:.20} should be {spec.unit!r}", field=name)
     if isinstance(value, int | float) and not isinstance(value, bool):
         if spec.minimum is not None and value < spec.minimum:
             raise ValidationError(
@@ -135,8 +146,8 @@ def _check_one(measurement: Measurement, schema: Schema, limits: Limits) -> Meas
             raise ValidationError(
                 f"{name}: {value} is above the maximum {spec.maximum:g}", field=name
             )
-    if spec.unit is not None and measurement.unit is None:
-        return replace(measurement, unit=spec.unit)
+    if spec.unit is not None and unit is None:
+        return measurement._replace(unit=spec.unit)
     return measurement
 
 

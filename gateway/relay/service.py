@@ -148,11 +148,26 @@ class Relay:
         return fanout
 
     def on_commit(self, readings: Sequence[StoredReading]) -> None:
+        if not self.stats:
+            return  # no sink counted, nothing to add to
+        # A commit holds each request's readings one after another (a SenML pack's are
+        # many): each run of one device's readings is counted with one fan-out lookup.
+        device: Device | None = None
+        run = 0
         for reading in readings:
-            for sink, count in self._fanout_of(reading.device).items():
-                stats = self.stats.get(sink)
-                if stats is not None:
-                    stats.depth += count
+            if reading.device is not device:
+                if device is not None:
+                    self._count_entries(device, run)
+                device, run = reading.device, 0
+            run += 1
+        if device is not None:
+            self._count_entries(device, run)
+
+    def _count_entries(self, device: Device, readings: int) -> None:
+        for sink, per_reading in self._fanout_of(device).items():
+            stats = self.stats.get(sink)
+            if stats is not None:
+                stats.depth += per_reading * readings
 
     def wake(self) -> None:
         for worker in self.workers.values():

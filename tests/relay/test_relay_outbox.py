@@ -111,6 +111,28 @@ async def test_a_repeated_request_creates_no_second_entry(
     await setup.a.wait_for(1)
 
 
+async def test_depths_count_every_entry_of_packs_from_several_devices(
+    running: tuple[Running, Gateway], coap_client: aiocoap.Context
+) -> None:
+    setup, gateway = running
+    setup.a.set_down()
+    setup.b.set_down()  # nothing leaves the outbox: each depth must equal its entries
+    await register(coap_client, setup.url, "fridge-1", "fridge")
+    await register(coap_client, setup.url, "tracker-1", "tracker")
+    pack = [{-2: "fridge-1:", -3: 1_700_000_000, 0: "temp", 2: 4.0}]
+    pack += [{0: "temp", 2: 4.5, 6: t} for t in range(1, 5)]
+    sent = await asyncio.gather(
+        post(coap_client, setup.url, "r/fridge-1", cbor2.dumps(pack), content_format=112),
+        send(coap_client, setup.url, "tracker-1", lat=1.0, lon=2.0, seq=1),
+        send(coap_client, setup.url, "fridge-1", temp=3.0, door=True, seq=2),
+        send(coap_client, setup.url, "tracker-1", speed=3.0, seq=2),
+    )
+    assert all(response.code == Code.CHANGED for response in sent)
+    entries = dict(outbox(setup.config, "SELECT sink, count(*) FROM outbox GROUP BY sink"))
+    assert entries == {"a": 5 + 2 + 2 + 1, "b": 2 + 1}  # route b takes trackers only
+    assert {name: stats.depth for name, stats in gateway.relay.stats.items()} == entries
+
+
 async def test_events_are_relayed_to_routes_of_their_kind(tmp_path: Path) -> None:
     setup = Running(
         relay_config(tmp_path, routes=[{"sink": "a", "kinds": ["alert"], "devices": ["f*"]}])

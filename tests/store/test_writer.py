@@ -10,7 +10,7 @@ from pathlib import Path
 import aiosqlite
 import pytest
 
-from gateway.core.model import Device, StoredReading
+from gateway.core.model import Device, StoredReading, value_from_row
 from gateway.core.readings import Measurement
 from gateway.errors import OverloadedError
 from gateway.store.db import migrate, migrations, open_database, schema_version
@@ -85,6 +85,55 @@ async def test_listeners_see_committed_rows_only_and_duplicates_are_ignored(
     other.close()
     assert [(r.measurement, r.value) for r in seen] == [("temp", 4.0), ("door", True)]
     assert writer.stats.duplicates == 1
+
+
+async def test_listeners_get_each_new_row_as_the_table_holds_it(db: aiosqlite.Connection) -> None:
+    # Without duplicates the writer knows the new rows' ids without reading them back; with
+    # some it reads them back. Both must hand listeners what the table holds, in id order.
+    writer = StoreWriter(db)
+    seen: list[StoredReading] = []
+    writer.add_commit_listener(seen.extend)
+    task = await running(writer)
+    # 300 rows: more than one INSERT statement's worth, cut into several chunk sizes
+    await writer.insert_readings(batch(*((f"m{i % 7}", i / 2, i) for i in range(300))))
+    timed = [
+        Measurement("door", True, time=1_700_000_000, key="t1700000000/door"),
+        Measurement("note", "open", unit="txt"),
+        Measurement("count", 3, seq=5000, key="s5000/count"),
+    ]
+    await writer.insert_readings(ReadingBatch(DEVICE, timed, 200, None))  # int times
+    # duplicates of rows already stored, one twice within the batch, between new rows
+    await writer.insert_readings(
+        batch(
+            ("m0", 0.0, 0), ("new", 1.5, 1000), ("m1", 0.5, 1), ("new", 1.5, 1000), ("n", 2, None)
+        )
+    )
+
+    async def mark_seen(conn: aiosqlite.Connection) -> None:
+        await conn.execute("UPDATE devices SET online = 1 WHERE id = 1")
+
+    # an operation and readings sharing one transaction
+    await asyncio.gather(writer.transaction(mark_seen), writer.insert_readings(batch(("x", 9, 9))))
+    await writer.close()
+    await task
+
+    rows = await db.execute_fetchall(
+        "SELECT id, measurement, value, kind, unit, device_time, received_at, seq"
+        " FROM readings ORDER BY id"
+    )
+    table = [
+        (row[0], row[1], value_from_row(row[2], row[3]), row[4], row[5], row[6], row[7])
+        for row in rows
+    ]
+    told = [
+        (r.id, r.measurement, r.value, r.unit, r.device_time, r.received_at, r.seq) for r in seen
+    ]
+    assert told == table
+    assert len(told) == 300 + 3 + 2 + 1
+    assert [type(r.value) for r in seen[300:303]] == [bool, str, int]
+    assert all(type(r.received_at) is float for r in seen)
+    assert type(seen[300].device_time) is float
+    assert writer.stats.duplicates == 3
 
 
 async def test_full_queue_is_refused_with_retry_advice(db: aiosqlite.Connection) -> None:

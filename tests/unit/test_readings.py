@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 
 import cbor2
 import pytest
@@ -15,6 +16,7 @@ from gateway.core.readings import (
     CF_JSON,
     CF_SENML_CBOR,
     CF_SENML_JSON,
+    SENML_CBOR_LABELS,
     LatestValue,
     Measurement,
     decode_readings,
@@ -22,6 +24,7 @@ from gateway.core.readings import (
 )
 from gateway.core.validate import Limits, validate_measurements
 from gateway.errors import DecodeError, DeviceError, UnsupportedFormatError, ValidationError
+from tests.unit.senml_reference import reference_senml
 
 NOW = 1_800_000_000.0
 
@@ -209,3 +212,113 @@ def test_latest_encodings_carry_values(cf: int) -> None:
             ("door", True, None),
             ("temp", 4.5, "Cel"),
         ]
+
+
+# --- the one-pass SenML decoder against the straightforward reference --------------------
+
+SENML_NAMES = st.sampled_from(["temp", "", "a:", "dev/", "x_"]) | st.text(min_size=1, max_size=6)
+SENML_TIMES = st.sampled_from([0, 0.0, -5, 1, 2**28 - 1, 2**28, 1_700_000_000, 1.5]) | st.floats()
+SENML_ANY = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**64), 2**64),
+    st.floats(),
+    st.text(max_size=6),
+    st.binary(max_size=3),
+    st.lists(st.integers(), max_size=2),
+)
+#: Values that make sense for each label; any label gets any value now and then.
+SENML_FIELDS = {
+    -1: st.integers(0, 20),  # bver
+    -2: SENML_NAMES,  # bn
+    -3: SENML_TIMES,  # bt
+    -4: st.sampled_from(["Cel", "%", ""]),  # bu
+    -5: st.floats(allow_nan=False, allow_infinity=False) | st.integers(-100, 100),  # bv
+    0: SENML_NAMES,  # n
+    1: st.sampled_from(["Cel", "/"]),  # u
+    2: st.floats(width=16) | st.floats() | st.integers(-(2**64), 2**64),  # v
+    3: st.text(max_size=6),  # vs
+    4: st.booleans(),  # vb
+    5: st.floats() | st.integers(-100, 100),  # s
+    6: SENML_TIMES,  # t
+    8: st.text(max_size=6),  # vd
+}
+#: Labels that are not SenML-CBOR's: unknown integers, and keys that equal integer labels
+#: (True == 1, 0.0 == 0) or are the JSON names.
+ODD_LABELS = st.sampled_from([-6, 7, 9, -9, 99, True, False, 0.0, 1.0, "n", "v", "x_"])
+#: Which value labels a record has: mostly one, sometimes none, the allowed pair or two.
+VALUE_LABEL_CHOICES = st.sampled_from([(2,)] * 8 + [(3,), (4,), (5,), (8,), (2, 5), (), (2, 3)])
+OTHER_LABELS = st.sets(st.sampled_from([-1, -2, -3, -4, -5, 1, 6]), max_size=3)
+
+
+@st.composite
+def senml_records(draw: st.DrawFn, *, odd: bool) -> dict[object, object]:
+    labels = [*draw(VALUE_LABEL_CHOICES), *draw(OTHER_LABELS)]
+    if draw(st.integers(0, 7)):
+        labels.append(0)  # usually a name
+    record: dict[object, object] = {}
+    for label in labels:
+        sensible = draw(st.integers(0, 19)) > 0
+        record[label] = draw(SENML_FIELDS[label] if sensible else SENML_ANY)
+    if odd and draw(st.integers(0, 9)) == 0:
+        record[draw(ODD_LABELS)] = draw(SENML_ANY)
+    return record
+
+
+def senml_packs(*, odd: bool) -> st.SearchStrategy[object]:
+    records = senml_records(odd=odd)
+    odd_packs = st.lists(records | SENML_ANY, max_size=3) | SENML_ANY  # not all records
+    return st.integers(0, 9).flatmap(
+        lambda pick: st.lists(records, min_size=1, max_size=5) if pick else odd_packs
+    )
+
+
+def outcome(decode: Callable[[], list[Measurement]]) -> object:
+    """What a decoder gave: the measurements with the types of their values, or the error."""
+    try:
+        return [(repr(m), type(m.value), type(m.time)) for m in decode()]
+    except DeviceError as exc:
+        return (type(exc), str(exc), exc.field)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(senml_packs(odd=True))
+def test_senml_cbor_decodes_as_the_reference_does(pack: object) -> None:
+    payload = cbor2.dumps(pack)
+    assert outcome(lambda: decode_readings(payload, CF_SENML_CBOR, now=NOW)) == outcome(
+        lambda: reference_senml(cbor2.loads(payload), cbor_labels=True, now=NOW)
+    )
+
+
+JSON_NAMES = {label: name for label, name in SENML_CBOR_LABELS.items()}
+
+
+@settings(max_examples=500, deadline=None)
+@given(senml_packs(odd=False))
+def test_senml_json_decodes_as_the_reference_does(pack: object) -> None:
+    def as_json(item: object) -> object:
+        if isinstance(item, dict):
+            return {JSON_NAMES.get(label, str(label)): as_json(v) for label, v in item.items()}
+        if isinstance(item, list):
+            return [as_json(v) for v in item]
+        return item.hex() if isinstance(item, bytes) else item
+
+    document = as_json(pack)
+    try:
+        payload = json.dumps(document, allow_nan=False).encode()
+    except ValueError:
+        return  # NaN or infinity: not JSON
+    assert outcome(lambda: decode_readings(payload, CF_SENML_JSON, now=NOW)) == outcome(
+        lambda: reference_senml(json.loads(payload), cbor_labels=False, now=NOW)
+    )
+
+
+def test_senml_pack_of_the_benchmark_decodes_as_the_reference_does() -> None:
+    pack = [{-3: 1_700_000_000, -4: "Cel", 0: "temp", 2: 4.25}]
+    pack += [{0: "temp", 2: 3.0 + i / 4, 6: i} for i in range(1, 50)]
+    payload = cbor2.dumps(pack, canonical=True)
+    decoded = decode_readings(payload, CF_SENML_CBOR, now=NOW)
+    assert outcome(lambda: decoded) == outcome(
+        lambda: reference_senml(cbor2.loads(payload), cbor_labels=True, now=NOW)
+    )
+    assert [m.key for m in decoded[:2]] == ["t1700000000.0/temp", "t1700000001.0/temp"]

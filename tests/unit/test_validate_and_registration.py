@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from gateway.core.readings import Measurement
 from gateway.core.registration import LifetimeBounds, parse_registration, parse_update
@@ -53,6 +55,45 @@ def test_invalid_values_name_the_field(
 def test_too_many_fields() -> None:
     with pytest.raises(ValidationError, match="too many fields"):
         validate_measurements([m(f"f{i}", i) for i in range(5)], "generic", LIMITS)
+
+
+SERIES = st.lists(
+    st.builds(
+        Measurement,
+        st.sampled_from(["temp", "door", "stock_milk", "stock_", "lat", "dim", "x" * 17, "-a"]),
+        st.one_of(
+            st.floats(-100, 2000), st.integers(-5, 2000), st.booleans(), st.text(max_size=10)
+        ),
+        st.sampled_from([None, None, "Cel", "%", "count", "u" * 17]),
+    ),
+    min_size=1,
+    max_size=LIMITS.max_fields,
+)
+
+
+def outcome(measurements: list[Measurement], device_type: str) -> object:
+    try:
+        return validate_measurements(measurements, device_type, LIMITS)
+    except ValidationError as exc:
+        return (str(exc), exc.field)
+
+
+def one_by_one(measurements: list[Measurement], device_type: str) -> object:
+    checked: list[Measurement] = []
+    for measurement in measurements:
+        alone = outcome([measurement], device_type)
+        if not isinstance(alone, list):
+            return alone  # the first error
+        checked += alone
+    return checked
+
+
+@given(SERIES, st.sampled_from(["fridge", "tracker", "streetlight", "generic"]))
+def test_a_pack_validates_as_its_measurements_one_by_one(
+    measurements: list[Measurement], device_type: str
+) -> None:
+    # Names repeated in a pack are checked once per request; that must not change anything.
+    assert outcome(measurements, device_type) == one_by_one(measurements, device_type)
 
 
 def test_registration_parses_query_and_links() -> None:

@@ -1,0 +1,180 @@
+"""The SenML decoder as it was before its one-pass rewrite, kept to compare against.
+
+`tests/unit/test_readings.py` checks that `decode_readings` gives the same measurements, or
+the same error with the same message, as this straightforward version for generated packs.
+Do not optimise it: its job is to be obviously right.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+from gateway.core.readings import Measurement, Value
+from gateway.errors import ValidationError
+
+SENML_RELATIVE_TIME_LIMIT = 2**28
+
+# RFC 8428 §6 integer labels for CBOR, and the JSON names they stand for.
+SENML_CBOR_LABELS = {
+    -1: "bver",
+    -2: "bn",
+    -3: "bt",
+    -4: "bu",
+    -5: "bv",
+    -6: "bs",
+    0: "n",
+    1: "u",
+    2: "v",
+    3: "vs",
+    4: "vb",
+    5: "s",
+    6: "t",
+    7: "ut",
+    8: "vd",
+}
+SENML_JSON_LABELS = {name: label for label, name in SENML_CBOR_LABELS.items()}
+
+
+def reference_senml(document: Any, *, cbor_labels: bool, now: float) -> list[Measurement]:
+    return list(_from_senml(document, cbor_labels=cbor_labels, now=now))
+
+
+def _senml_records(document: Any, *, cbor_labels: bool) -> Iterable[dict[str, Any]]:
+    if not isinstance(document, list) or not document:
+        raise ValidationError("SenML pack must be a non-empty array of records")
+    for record in document:
+        if not isinstance(record, Mapping):
+            raise ValidationError(f"SenML records must be maps, not {_type_name(record)}")
+        named: dict[str, Any] = {}
+        for label, value in record.items():
+            if cbor_labels:
+                if isinstance(label, bool) or not isinstance(label, int):
+                    raise ValidationError(f"SenML-CBOR labels must be integers, not {label!r:.20}")
+                name = SENML_CBOR_LABELS.get(label)
+            else:
+                name = label if label in SENML_JSON_LABELS else None
+            if name is None:
+                # RFC 8428 §4.4: labels ending in "_" must be understood; others may be ignored.
+                if isinstance(label, str) and label.endswith("_"):
+                    raise ValidationError(f"SenML: unsupported mandatory label {label!r:.20}")
+                continue
+            named[name] = value
+        yield named
+
+
+def _from_senml(document: Any, *, cbor_labels: bool, now: float) -> Iterator[Measurement]:
+    base_name = ""
+    base_time = 0.0
+    base_unit: str | None = None
+    base_value = 0.0
+    found = False
+    for record in _senml_records(document, cbor_labels=cbor_labels):
+        if "bver" in record and (
+            isinstance(record["bver"], bool) or not isinstance(record["bver"], int)
+        ):
+            raise ValidationError("SenML bver must be an integer", field="bver")
+        if "bn" in record:
+            if not isinstance(record["bn"], str):
+                raise ValidationError("SenML bn must be a string", field="bn")
+            base_name = record["bn"]
+        if "bt" in record:
+            base_time = _check_time("bt", record["bt"])
+        if "bu" in record:
+            if not isinstance(record["bu"], str):
+                raise ValidationError("SenML bu must be a string", field="bu")
+            base_unit = record["bu"]
+        if "bv" in record:
+            base_value = _check_time("bv", record["bv"])
+        value_labels = [label for label in ("v", "vs", "vb", "vd", "s") if label in record]
+        if not value_labels:
+            if "n" in record:
+                raise ValidationError(f"SenML record {record['n']!r:.40} has no value")
+            continue  # a record that only sets base fields
+        if len(value_labels) > 1 and value_labels != ["v", "s"]:
+            raise ValidationError("SenML record has more than one value")
+        name_part = record.get("n", "")
+        if not isinstance(name_part, str):
+            raise ValidationError("SenML n must be a string", field="n")
+        # A base name ending in ":" or "/" (e.g. "urn:dev:ow:10e2073a01080063:", or the
+        # device's own name) identifies the device, which the URI path already does; the
+        # measurement keeps its own name. Any other base name is a plain prefix.
+        name = name_part if base_name.endswith((":", "/")) and name_part else base_name + name_part
+        if not name:
+            raise ValidationError("SenML record has no name")
+        value = _senml_value(name, record, value_labels[0], base_value)
+        unit = record.get("u", base_unit)
+        if unit is not None and not isinstance(unit, str):
+            raise ValidationError(f"{name}: SenML u must be a string", field=name)
+        offset = _check_time("t", record["t"]) if "t" in record else 0.0
+        resolved = base_time + offset
+        # Relative times (and no time at all) mean "about now": no stable idempotency key.
+        absolute = resolved >= SENML_RELATIVE_TIME_LIMIT
+        time = resolved if absolute else now + resolved
+        found = True
+        yield Measurement(
+            name=name,
+            value=value,
+            unit=unit,
+            time=time if absolute or resolved != 0 else None,
+            key=idempotency_key(name, seq=None, time=resolved) if absolute else None,
+        )
+    if not found:
+        raise ValidationError("SenML pack has no records with values")
+
+
+def _senml_value(name: str, record: Mapping[str, Any], label: str, base_value: float) -> Value:
+    value = record[label]
+    if label in ("v", "s"):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValidationError(f"{name}: SenML {label} must be a number", field=name)
+        result = base_value + value if label == "v" else value
+        return _check_scalar(name, result)
+    if label == "vb":
+        if not isinstance(value, bool):
+            raise ValidationError(f"{name}: SenML vb must be a bool", field=name)
+        return value
+    if not isinstance(value, str):  # vs, vd
+        raise ValidationError(f"{name}: SenML {label} must be a string", field=name)
+    return value
+
+
+def idempotency_key(name: str, *, seq: int | None, time: float | None) -> str | None:
+    if seq is not None:
+        return f"s{seq}/{name}"
+    if time is not None:
+        return f"t{time!r}/{name}"
+    return None
+
+
+def _check_scalar(name: str, value: Any) -> Value:
+    if isinstance(value, bool | str):
+        return value
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValidationError(f"{name}: value must be finite", field=name)
+        return value
+    raise ValidationError(
+        f"{name}: value must be a number, bool or string, not {_type_name(value)}", field=name
+    )
+
+
+def _type_name(value: Any) -> str:
+    if isinstance(value, bytes | bytearray):
+        return "bytes"
+    if isinstance(value, Mapping):
+        return "map"
+    if isinstance(value, list | tuple):
+        return "array"
+    if value is None:
+        return "null"
+    return type(value).__name__
+
+
+def _check_time(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValidationError(f"{name}: must be a finite number of seconds", field=name)
+    return float(value)
