@@ -45,6 +45,8 @@ Value = float | int | bool | str
 #: RFC 8428 §4.5.3: a resolved SenML time below 2**28 is relative to "now".
 SENML_RELATIVE_TIME_LIMIT = 2**28
 MAX_SEQ = 2**63 - 1
+#: Integer values are stored as SQLite integers: signed 64 bits.
+MIN_INT, MAX_INT = -(2**63), 2**63 - 1
 
 # RFC 8428 §6 integer labels for CBOR, and the JSON names they stand for.
 SENML_CBOR_LABELS = {
@@ -178,6 +180,8 @@ def _check_scalar(name: str, value: Any) -> Value:
     if isinstance(value, bool | str):
         return value
     if isinstance(value, int):
+        if not MIN_INT <= value <= MAX_INT:
+            raise ValidationError(f"{name}: integer out of the 64-bit range", field=name)
         return value
     if isinstance(value, float):
         if not math.isfinite(value):
@@ -201,9 +205,12 @@ def _type_name(value: Any) -> str:
 
 
 def _check_time(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ValidationError(f"{name}: must be a finite number of seconds", field=name)
-    return float(value)
+    try:  # an integer beyond a float's range overflows here
+        if isinstance(value, bool) or not math.isfinite(value):
+            raise TypeError
+        return float(value)
+    except (TypeError, OverflowError):
+        raise ValidationError(f"{name}: must be a finite number of seconds", field=name) from None
 
 
 def _from_plain(document: Any) -> Iterator[Measurement]:
@@ -340,8 +347,8 @@ def _from_senml(document: Any, *, cbor_labels: bool, now: float) -> list[Measure
         if unit is not None and unit.__class__ is not str and not isinstance(unit, str):
             raise ValidationError(f"{name}: SenML u must be a string", field=name)
         offset = record.get(LABEL_T, 0.0)
-        if offset.__class__ is int:  # CBOR's shortest form of a whole second
-            offset = float(offset)
+        if offset.__class__ is int and -MAX_INT <= offset <= MAX_INT:
+            offset = float(offset)  # CBOR's shortest form of a whole second
         elif offset.__class__ is not float or not -math.inf < offset < math.inf:
             offset = _check_time("t", offset)
         resolved = base_time + offset
@@ -391,7 +398,10 @@ def _senml_value(name: str, label: int, value: Any, base_value: float) -> Value:
     if text_label in ("v", "s"):
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ValidationError(f"{name}: SenML {text_label} must be a number", field=name)
-        result = base_value + value if text_label == "v" else value
+        try:
+            result = base_value + value if text_label == "v" else value
+        except OverflowError:
+            raise ValidationError(f"{name}: SenML {text_label} out of range", field=name) from None
         return _check_scalar(name, result)
     if text_label == "vb":
         if not isinstance(value, bool):

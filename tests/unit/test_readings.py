@@ -322,3 +322,34 @@ def test_senml_pack_of_the_benchmark_decodes_as_the_reference_does() -> None:
         lambda: reference_senml(cbor2.loads(payload), cbor_labels=True, now=NOW)
     )
     assert [m.key for m in decoded[:2]] == ["t1700000000.0/temp", "t1700000001.0/temp"]
+
+
+huge_ints = st.one_of(
+    st.integers(min_value=2**63 - 2, max_value=2**63 + 2),
+    st.integers(min_value=-(2**63) - 2, max_value=-(2**63) + 2),
+    st.integers(min_value=10**300, max_value=10**400),
+    st.integers(min_value=-(10**400), max_value=-(10**300)),
+)
+
+
+@given(huge_ints, st.sampled_from(["v", "s", "t", "bt", "bv", "plain", "ts"]))
+def test_integers_of_any_size_give_a_reading_or_a_device_error(value: int, where: str) -> None:
+    if where == "plain":
+        documents = [(cbor2.dumps({"temp": value}), 60), (json.dumps({"temp": value}), 50)]
+    elif where == "ts":
+        documents = [(json.dumps({"temp": 1, "ts": value}), 50)]
+    else:
+        record: dict[str, object] = {"n": "temp", "v": 1.0}
+        if where in ("v", "s"):
+            record.pop("v")
+        record[where] = value
+        documents = [(json.dumps([record]), 110)]
+    for payload, content_format in documents:
+        raw = payload.encode() if isinstance(payload, str) else payload
+        try:
+            measurements = decode_readings(raw, content_format, now=1.0)
+        except DeviceError:
+            continue
+        for measurement in measurements:
+            if isinstance(measurement.value, int):
+                assert -(2**63) <= measurement.value < 2**63  # fits an SQLite integer
