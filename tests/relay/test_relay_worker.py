@@ -1,0 +1,181 @@
+"""The sink worker against a real database and store writer, without a gateway: the states
+one round writes (one trip settles a batch and claims the next), and what cancellation
+puts back."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import sqlite3
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+import pytest
+
+from gateway.core.model import Device
+from gateway.core.outbox import RetryPolicy
+from gateway.core.readings import Measurement
+from gateway.relay import store
+from gateway.relay.config import RelayConfig, RouteConfig
+from gateway.relay.sinks.base import Delivery, Result
+from gateway.relay.sinks.memory import MemorySink
+from gateway.relay.worker import SinkStats, SinkWorker
+from gateway.store.db import migrate, open_database
+from gateway.store.writer import ReadingBatch, StoreWriter
+from tests.support.gateway import wait_until
+
+FRIDGE = Device(1, "fridge-1", "fridge")
+TRUCK = Device(2, "truck-1", "tracker")
+NOW = 200.0
+
+
+@dataclass
+class Setup:
+    path: Path
+    conn: aiosqlite.Connection
+    writer: StoreWriter
+
+    def rows(self, sql: str) -> list[Any]:
+        with sqlite3.connect(self.path) as conn:
+            return conn.execute(sql).fetchall()
+
+    def outbox(self) -> list[Any]:
+        return self.rows("SELECT ref_id, state, attempt, next_attempt_at FROM outbox ORDER BY id")
+
+    async def store(self, device: Device, count: int) -> None:
+        measurements = [Measurement("temp", float(i), seq=i, key=f"s{i}") for i in range(count)]
+        await self.writer.insert_readings(ReadingBatch(device, measurements, 100.0, None))
+
+    def worker(self, sink: MemorySink, **relay: Any) -> SinkWorker:
+        retry = RetryPolicy(base_delay=10, jitter=0, max_attempts=5, max_age=0)
+        config = RelayConfig(poll_interval=60, retry=retry, **relay)
+        return SinkWorker(
+            sink,
+            config=config,
+            gateway="gw",
+            writer=self.writer,
+            stats=SinkStats(),
+            clock=lambda: NOW,
+            rng=random.Random(1),
+        )
+
+
+@pytest.fixture
+async def setup(tmp_path: Path) -> AsyncIterator[Setup]:
+    path = tmp_path / "gw.db"
+    conn = await open_database(path)
+    await migrate(conn)
+    for device in (FRIDGE, TRUCK):
+        await conn.execute(
+            "INSERT INTO devices (id, name, type, created_at) VALUES (?, ?, ?, 0)",
+            (device.id, device.name, device.type),
+        )
+    await store.sync_routes(conn, [RouteConfig(sink="m")])
+    writer = StoreWriter(conn)
+    task = asyncio.create_task(writer.run())
+    try:
+        yield Setup(path, conn, writer)
+    finally:
+        await writer.close()
+        await task
+        await conn.close()
+
+
+async def test_a_round_settles_and_claims_in_one_trip_along_the_state_table(
+    setup: Setup,
+) -> None:
+    await setup.store(FRIDGE, 2)  # readings 1, 2
+    await setup.store(TRUCK, 2)  # readings 3, 4
+    sink = MemorySink("m")
+    sink.fail_message("r-1", "transient")  # holds back r-2 of the same device
+    sink.fail_message("r-3", "permanent")
+    worker = setup.worker(sink, batch_size=10)
+    trips = setup.writer.stats.batches
+    # Nothing due after the first batch: the wait is the retry's, within poll_interval.
+    assert await worker.step() == 10.0
+    # One trip claimed the batch, one settled it and found nothing more to claim.
+    assert setup.writer.stats.batches - trips == 2
+    # r-2 went out but counts as failed, so that it is sent again after r-1.
+    assert sink.message_ids == ["r-2", "r-4"]
+    assert setup.outbox() == [(1, "pending", 1, NOW + 10), (2, "pending", 1, NOW + 10)]
+    assert setup.rows("SELECT ref_id, reason, attempt FROM dead_letters") == [(3, "permanent", 1)]
+    stats = worker.stats
+    assert (stats.sent, stats.retries, stats.dead) == (1, 2, 1)
+
+    sink.clear_failures()
+    worker._clock = lambda: NOW + 10
+    assert await worker.step() == 60.0  # nothing waits: poll_interval
+    assert sink.message_ids == ["r-2", "r-4", "r-1", "r-2"]
+    assert setup.outbox() == []
+    assert (stats.sent, stats.retries, stats.dead) == (3, 2, 1)
+
+
+async def test_batches_keep_each_devices_order(setup: Setup) -> None:
+    await setup.store(FRIDGE, 5)
+    await setup.store(TRUCK, 5)
+    await setup.store(FRIDGE, 0)
+    sink = MemorySink("m")
+    worker = setup.worker(sink, batch_size=3)
+    await worker.step()
+    assert sink.message_ids == [f"r-{i}" for i in range(1, 11)]
+    assert sink.calls == 4
+    assert setup.outbox() == []
+
+
+class HoldingSink(MemorySink):
+    """After its first batch it makes the store writer wait on `gate`, so the worker's next
+    trip (settle that batch, claim the next) is queued when the test cancels it."""
+
+    def __init__(self, writer: StoreWriter) -> None:
+        super().__init__("m")
+        self.gate = asyncio.Event()
+        self._held = asyncio.Event()
+        self._writer = writer
+        self._holding: asyncio.Future[None] | None = None
+
+    async def _hold(self, conn: aiosqlite.Connection) -> None:
+        self._held.set()
+        await self.gate.wait()
+
+    async def publish(self, batch: Sequence[Delivery]) -> Sequence[Result]:
+        results = await super().publish(batch)
+        if self._holding is None:
+            self._holding = asyncio.ensure_future(self._writer.transaction(self._hold))
+            await self._held.wait()  # the writer is inside the hold before the trip queues
+        return results
+
+
+async def test_cancelled_during_a_trip_counts_what_it_settled_and_releases_what_it_claimed(
+    setup: Setup,
+) -> None:
+    await setup.store(FRIDGE, 4)
+    sink = HoldingSink(setup.writer)
+    worker = setup.worker(sink, batch_size=2)
+    task = asyncio.create_task(worker.step())
+    await wait_until(lambda: setup.writer.pending == 1)  # the trip waits behind the hold
+    task.cancel()
+    sink.gate.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    # The trip committed: the first batch is settled, the second claimed, then put back.
+    assert sink.message_ids == ["r-1", "r-2"]
+    assert worker.stats.sent == 2
+    assert setup.outbox() == [(3, "pending", 0, 100.0), (4, "pending", 0, 100.0)]
+
+
+async def test_cancelled_while_publishing_releases_the_batch(setup: Setup) -> None:
+    await setup.store(FRIDGE, 3)
+    sink = MemorySink("m")
+    sink.hang()
+    worker = setup.worker(sink, batch_size=2)
+    task = asyncio.create_task(worker.step())
+    await wait_until(lambda: sink.calls == 1)
+    assert [row[1] for row in setup.outbox()] == ["in_flight", "in_flight", "pending"]
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert setup.outbox() == [(ref, "pending", 0, 100.0) for ref in (1, 2, 3)]
+    assert sink.message_ids == []
