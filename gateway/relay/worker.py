@@ -102,21 +102,70 @@ class SinkWorker:
         """Rounds while entries are due; then the seconds to wait before looking again.
 
         A round is one trip to the database thread, which settles the batch just sent and
-        claims the next in one transaction, then the publishing of that batch.
+        claims the next in one transaction, and the publishing of a batch. After a full
+        batch (a backlog), and whenever outcomes are still to be written, the next trip
+        runs while a batch is published, so the database work overlaps the wait for the
+        downstream's confirmations. Order per device holds: a trip claims nothing of a
+        device with entries still in flight, and settles the batch before.
         """
         settled: Sequence[store.Outcome] = ()
+        claimed: store.Claimed | None = None
         while True:
-            now = self._clock()
-            claimed = await self._settle_and_claim(settled, now)
-            if not claimed.entries:
-                if claimed.wake_at is None:
-                    return self._config.poll_interval
-                return min(self._config.poll_interval, max(0.0, claimed.wake_at - now))
+            if claimed is None:
+                now = self._clock()
+                claimed = await self._settle_and_claim(settled, now)
+                settled = ()
+                if not claimed.entries:
+                    if claimed.wake_at is None:
+                        return self._config.poll_interval
+                    return min(self._config.poll_interval, max(0.0, claimed.wake_at - now))
+            ahead: asyncio.Task[store.Claimed] | None = None
+            # Unwritten outcomes always go with the next trip, so none are carried over.
+            if settled or len(claimed.entries) >= self._config.batch_size:
+                ahead = asyncio.create_task(self._settle_and_claim(settled, self._clock()))
+                settled = ()
             try:
-                settled = await self._send(claimed)
+                outcomes = await self._send(claimed)
             except BaseException:
                 await self._release([entry.id for entry in claimed.entries])
+                if ahead is not None:
+                    await self._abandon(ahead)
                 raise
+            if ahead is None:
+                settled, claimed = outcomes, None
+                continue
+            try:
+                after = await asyncio.shield(ahead)
+            except BaseException:
+                # `ahead` settled nothing or cleans up after itself; this batch is sent.
+                await self._settle_alone(outcomes, ahead)
+                raise
+            # Nothing claimed ahead (perhaps only this batch's devices had more): the next
+            # trip settles this batch before it looks again.
+            settled, claimed = outcomes, after if after.entries else None
+
+    async def _abandon(self, ahead: asyncio.Task[store.Claimed]) -> None:
+        """Put back what a trip run ahead claimed, however far it got."""
+        ahead.cancel()  # no-op once done; else it waits for its trip and puts back itself
+        await asyncio.wait([ahead])
+        if not ahead.cancelled() and ahead.exception() is None:
+            await self._release([entry.id for entry in ahead.result().entries])
+
+    async def _settle_alone(
+        self, outcomes: Sequence[store.Outcome], ahead: asyncio.Task[store.Claimed]
+    ) -> None:
+        """Cancelled or failed while a trip ran ahead: let it finish and put back what it
+        claimed, then write `outcomes` on their own (or put their entries back)."""
+        await self._abandon(ahead)
+        now = self._clock()
+        settling = asyncio.ensure_future(
+            self._writer.run_in_transaction(lambda conn: store.apply(conn, outcomes, now=now))
+        )
+        await asyncio.wait([settling])
+        if not settling.cancelled() and settling.exception() is None:
+            self._account(outcomes, now)
+        else:
+            await self._release([outcome.entry.id for outcome in outcomes])
 
     async def _settle_and_claim(
         self, settled: Sequence[store.Outcome], now: float

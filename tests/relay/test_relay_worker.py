@@ -114,37 +114,44 @@ async def test_a_round_settles_and_claims_in_one_trip_along_the_state_table(
 
 
 async def test_batches_keep_each_devices_order(setup: Setup) -> None:
-    await setup.store(FRIDGE, 5)
-    await setup.store(TRUCK, 5)
-    await setup.store(FRIDGE, 0)
+    await setup.store(FRIDGE, 5)  # readings 1-5
+    await setup.store(TRUCK, 5)  # readings 6-10
     sink = MemorySink("m")
     worker = setup.worker(sink, batch_size=3)
     await worker.step()
-    assert sink.message_ids == [f"r-{i}" for i in range(1, 11)]
+    # While a full batch is published the next is claimed, from other devices only.
+    assert [d.message_id for d in sink.delivered if d.device == "fridge-1"] == [
+        f"r-{i}" for i in range(1, 6)
+    ]
+    assert [d.message_id for d in sink.delivered if d.device == "truck-1"] == [
+        f"r-{i}" for i in range(6, 11)
+    ]
+    assert sink.message_ids[3:6] == ["r-6", "r-7", "r-8"]  # claimed ahead
     assert sink.calls == 4
     assert setup.outbox() == []
 
 
 class HoldingSink(MemorySink):
-    """After its first batch it makes the store writer wait on `gate`, so the worker's next
-    trip (settle that batch, claim the next) is queued when the test cancels it."""
+    """Publishing its first batch, it makes the store writer wait on `gate`: the worker's
+    trip run ahead (and the trip settling that batch) cannot commit before the test lets
+    it."""
 
     def __init__(self, writer: StoreWriter) -> None:
         super().__init__("m")
         self.gate = asyncio.Event()
-        self._held = asyncio.Event()
+        self.held = asyncio.Event()
         self._writer = writer
         self._holding: asyncio.Future[None] | None = None
 
     async def _hold(self, conn: aiosqlite.Connection) -> None:
-        self._held.set()
+        self.held.set()
         await self.gate.wait()
 
     async def publish(self, batch: Sequence[Delivery]) -> Sequence[Result]:
         results = await super().publish(batch)
         if self._holding is None:
             self._holding = asyncio.ensure_future(self._writer.transaction(self._hold))
-            await self._held.wait()  # the writer is inside the hold before the trip queues
+            await self.held.wait()
         return results
 
 
@@ -155,25 +162,30 @@ async def test_cancelled_during_a_trip_counts_what_it_settled_and_releases_what_
     sink = HoldingSink(setup.writer)
     worker = setup.worker(sink, batch_size=2)
     task = asyncio.create_task(worker.step())
-    await wait_until(lambda: setup.writer.pending == 1)  # the trip waits behind the hold
+    await wait_until(sink.held.is_set)  # the first batch is out, the trip ahead waits
     task.cancel()
     sink.gate.set()
     with pytest.raises(asyncio.CancelledError):
         await task
-    # The trip committed: the first batch is settled, the second claimed, then put back.
+    # The first batch is settled once the trip ahead is done, and it claimed nothing that
+    # stays claimed.
     assert sink.message_ids == ["r-1", "r-2"]
     assert worker.stats.sent == 2
     assert setup.outbox() == [(3, "pending", 0, 100.0), (4, "pending", 0, 100.0)]
 
 
-async def test_cancelled_while_publishing_releases_the_batch(setup: Setup) -> None:
-    await setup.store(FRIDGE, 3)
+async def test_cancelled_while_publishing_releases_the_batch_and_what_was_claimed_ahead(
+    setup: Setup,
+) -> None:
+    await setup.store(FRIDGE, 2)
+    await setup.store(TRUCK, 1)
     sink = MemorySink("m")
     sink.hang()
     worker = setup.worker(sink, batch_size=2)
     task = asyncio.create_task(worker.step())
     await wait_until(lambda: sink.calls == 1)
-    assert [row[1] for row in setup.outbox()] == ["in_flight", "in_flight", "pending"]
+    # r-3 is another device's: claimed while the full first batch is out.
+    await wait_until(lambda: [row[1] for row in setup.outbox()] == ["in_flight"] * 3)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
