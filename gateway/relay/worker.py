@@ -81,7 +81,7 @@ class SinkWorker:
         self._writer = writer
         self._clock = clock
         self._rng = rng
-        self._window = max(MIN_WINDOW, config.batch_size * 10)
+        self._window = max(MIN_WINDOW, self._largest_batch * 10)
         self._was_connected: bool | None = None
         self._log = log.bind(sink=sink.name)
 
@@ -144,6 +144,17 @@ class SinkWorker:
             # trip settles this batch before it looks again.
             settled, claimed = outcomes, after if after.entries else None
 
+    @property
+    def _largest_batch(self) -> int:
+        return max(self._config.batch_size, self._config.catch_up_batch_size or 0)
+
+    def _batch_limit(self) -> int:
+        """How many entries the next claim may take: more while a backlog drains."""
+        catch_up = self._config.catch_up_batch_size
+        if catch_up is not None and self.stats.depth >= catch_up:
+            return catch_up
+        return self._config.batch_size
+
     async def _abandon(self, ahead: asyncio.Task[store.Claimed]) -> None:
         """Put back what a trip run ahead claimed, however far it got."""
         ahead.cancel()  # no-op once done; else it waits for its trip and puts back itself
@@ -171,12 +182,13 @@ class SinkWorker:
         self, settled: Sequence[store.Outcome], now: float
     ) -> store.Claimed:
         """Write the outcomes of the last batch and claim the next, in one transaction."""
-        sink, config, gateway, window = self.sink.name, self._config, self._gateway, self._window
+        sink, gateway, window = self.sink.name, self._gateway, self._window
+        limit = self._batch_limit()
 
         def round_trip(conn: sqlite3.Connection) -> store.Claimed:
             store.apply(conn, settled, now=now)
             return store.claim_next(
-                conn, sink, now=now, limit=config.batch_size, window=window, gateway=gateway
+                conn, sink, now=now, limit=limit, window=window, gateway=gateway
             )
 
         trip = asyncio.ensure_future(self._writer.run_in_transaction(round_trip))

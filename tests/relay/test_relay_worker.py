@@ -131,6 +131,32 @@ async def test_batches_keep_each_devices_order(setup: Setup) -> None:
     assert setup.outbox() == []
 
 
+async def test_a_deep_backlog_goes_out_in_catch_up_batches(setup: Setup) -> None:
+    await setup.store(FRIDGE, 10)
+    await setup.store(TRUCK, 3)
+    sink = MemorySink("m")
+    worker = setup.worker(sink, batch_size=2, catch_up_batch_size=6)
+    worker.stats.depth = 13  # the relay keeps it from commits; here it is set by hand
+    sizes: list[int] = []
+    publish = sink.publish
+
+    async def counting(batch: Sequence[Delivery]) -> Sequence[Result]:
+        sizes.append(len(batch))
+        return await publish(batch)
+
+    sink.publish = counting  # type: ignore[method-assign]
+    await worker.step()
+    # Up to 6 while the depth is at least 6 when a trip starts: fridge 1-6, then truck
+    # (claimed while the fridge's batch is out), then the rest of the fridge.
+    assert sizes == [6, 3, 4]
+    assert worker.stats.depth == 0 and setup.outbox() == []
+    await setup.store(FRIDGE, 13)  # seq 0-9 are duplicates: 3 new readings
+    worker.stats.depth = 3
+    await worker.step()
+    assert sizes[3:] == [2, 1]
+    assert setup.outbox() == []
+
+
 class HoldingSink(MemorySink):
     """Publishing its first batch, it makes the store writer wait on `gate`: the worker's
     trip run ahead (and the trip settling that batch) cannot commit before the test lets
