@@ -137,7 +137,8 @@ class SinkWorker:
             try:
                 after = await asyncio.shield(ahead)
             except BaseException:
-                # `ahead` settled nothing or cleans up after itself; this batch is sent.
+                # Cancelled, or the trip ahead failed: this batch was published all the
+                # same, so its outcomes are written on their own.
                 await self._settle_alone(outcomes, ahead)
                 raise
             # Nothing claimed ahead (perhaps only this batch's devices had more): the next
@@ -156,8 +157,8 @@ class SinkWorker:
         return self._config.batch_size
 
     async def _abandon(self, ahead: asyncio.Task[store.Claimed]) -> None:
-        """Put back what a trip run ahead claimed, however far it got."""
-        ahead.cancel()  # no-op once done; else it waits for its trip and puts back itself
+        """Let a trip run ahead finish, then put back what it claimed. Not cancelled: it
+        also settles the batch before, which must be written (or put back if it fails)."""
         await asyncio.wait([ahead])
         if not ahead.cancelled() and ahead.exception() is None:
             await self._release([entry.id for entry in ahead.result().entries])
