@@ -179,6 +179,48 @@ class BatchPlan:
     wake_at: float | None
 
 
+class BatchPlanner:
+    """`plan_batch`, one row at a time, for a caller that reads rows in id order and wants
+    to stop reading as soon as no later row can change the plan."""
+
+    def __init__(self, *, now: float, limit: int) -> None:
+        if limit < 1:
+            raise ValueError("limit must be at least 1")
+        self._now = now
+        self._limit = limit
+        self._blocked: set[str] = set()
+        self._send: list[OutboxRow] = []
+        self._wake_at: float | None = None
+        self._final = False
+
+    def offer(self, row: OutboxRow) -> bool:
+        """Take the next row (ids ascending); False once the plan is final."""
+        if self._final:
+            return False
+        if row.state in (_S.DELIVERED, _S.DEAD) or row.device in self._blocked:
+            return True
+        if row.state is _S.IN_FLIGHT:
+            self._blocked.add(row.device)
+            return True
+        if row.next_attempt_at > self._now:
+            self._blocked.add(row.device)
+            at = row.next_attempt_at
+            self._wake_at = at if self._wake_at is None else min(self._wake_at, at)
+            return True
+        if len(self._send) < self._limit:
+            self._send.append(row)
+            return True
+        # A due row that no longer fits: the worker is to come back at once. Every wake-up
+        # so far is later than now and later rows can only add later ones, so the plan is
+        # final.
+        self._wake_at = self._now
+        self._final = True
+        return False
+
+    def plan(self) -> BatchPlan:
+        return BatchPlan(tuple(self._send), self._wake_at)
+
+
 def plan_batch(rows: Iterable[OutboxRow], *, now: float, limit: int) -> BatchPlan:
     """Pick at most `limit` due pending entries, keeping each device's order.
 
@@ -190,27 +232,8 @@ def plan_batch(rows: Iterable[OutboxRow], *, now: float, limit: int) -> BatchPla
     since a blocker always precedes what it blocks, a window that starts at the oldest
     unfinished entry never lets a row slip past a blocker outside it.
     """
-    if limit < 1:
-        raise ValueError("limit must be at least 1")
-    blocked: set[str] = set()
-    send: list[OutboxRow] = []
-    wake_at: float | None = None
+    planner = BatchPlanner(now=now, limit=limit)
     for row in sorted(rows, key=lambda r: r.id):
-        if row.state in (_S.DELIVERED, _S.DEAD):
-            continue
-        if row.device in blocked:
-            continue
-        if row.state is _S.IN_FLIGHT:
-            blocked.add(row.device)
-            continue
-        if row.next_attempt_at > now:
-            blocked.add(row.device)
-            wake_at = row.next_attempt_at if wake_at is None else min(wake_at, row.next_attempt_at)
-            continue
-        if len(send) < limit:
-            send.append(row)
-        else:
-            # The batch is full; the worker comes back at once, so nothing to wait for.
-            wake_at = now if wake_at is None else min(wake_at, now)
-            blocked.add(row.device)
-    return BatchPlan(tuple(send), wake_at)
+        if not planner.offer(row):
+            break
+    return planner.plan()

@@ -118,6 +118,10 @@ class RelayConfig:
     retry_after: int = 30
     #: Entries a sink worker claims and publishes at once.
     batch_size: int = 100
+    #: Entries claimed at once while a sink's outbox holds at least this many (a backlog
+    #: after an outage); None: `batch_size`. Larger batches drain faster but hold up
+    #: ingest longer per batch, so devices' latency grows while the backlog drains.
+    catch_up_batch_size: int | None = None
     #: How often an idle worker looks at the outbox when nothing wakes it sooner.
     poll_interval: float = 1.0
     #: How often the running gateway writes its live relay figures for `gateway relay status`.
@@ -216,6 +220,12 @@ def check_relay(
         raise ConfigError('relay.policy must be "refuse" or "drop_oldest"', key="relay.policy")
     if relay.batch_size < 1:
         raise ConfigError("relay.batch_size must be at least 1", key="relay.batch_size")
+    catch_up = relay.catch_up_batch_size
+    if catch_up is not None and catch_up < relay.batch_size:
+        raise ConfigError(
+            "relay.catch_up_batch_size must be at least relay.batch_size",
+            key="relay.catch_up_batch_size",
+        )
     if relay.poll_interval <= 0:
         raise ConfigError("relay.poll_interval must be positive", key="relay.poll_interval")
     if relay.status_interval <= 0:

@@ -367,6 +367,35 @@ def render_template(template: str, message: RelayMessage, safe: Callable[[str], 
     )
 
 
+class AddressTemplate:
+    """A topic or subject template and its `safe` rule. Unless it names `{id}`, a
+    device's address is the same for all its messages of a kind, so it is rendered once
+    per device and kind rather than once per message."""
+
+    #: Addresses kept; past this many (devices x kinds) the cache starts afresh.
+    MAX_CACHED = 10_000
+
+    def __init__(self, template: str, safe: Callable[[str], str]) -> None:
+        self.template = template
+        self._safe = safe
+        self._per_message = any(
+            name == "id" for _, name, _, _ in string.Formatter().parse(template)
+        )
+        self._rendered: dict[tuple[str, str, str, str], str] = {}
+
+    def render(self, message: RelayMessage) -> str:
+        if self._per_message:
+            return render_template(self.template, message, self._safe)
+        key = (message.gateway, message.device_type, message.device, message.kind)
+        address = self._rendered.get(key)
+        if address is None:
+            if len(self._rendered) >= self.MAX_CACHED:
+                self._rendered.clear()
+            address = render_template(self.template, message, self._safe)
+            self._rendered[key] = address
+        return address
+
+
 def _replacer(bad: str) -> Callable[[str], str]:
     table = str.maketrans(dict.fromkeys(bad, "_"))
 

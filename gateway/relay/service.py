@@ -86,7 +86,6 @@ class Relay:
                 config=self._config,
                 gateway=config.server.name,
                 writer=writer,
-                reader=reader,
                 stats=self.stats[name],
                 clock=clock,
                 rng=rng,

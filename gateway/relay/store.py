@@ -2,12 +2,14 @@
 
 Functions taking a connection run inside the caller's transaction (the store writer's, or
 the CLI's own); the writer-side ones change state only along `gateway.core.outbox`'s table.
+Those of the worker's round take a blocking `sqlite3.Connection`, the others aiosqlite's.
 Nothing here reads the clock: `now` comes in.
 """
 
 from __future__ import annotations
 
 import json
+import sqlite3
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -15,7 +17,7 @@ from typing import Any
 import aiosqlite
 
 from gateway.core.model import value_from_row
-from gateway.core.outbox import DeliveryState, OutboxRow, Settlement
+from gateway.core.outbox import BatchPlan, BatchPlanner, DeliveryState, OutboxRow, Settlement
 from gateway.relay.config import RouteConfig
 from gateway.relay.envelope import Encoding, RelayMessage, reading_message
 
@@ -66,18 +68,31 @@ async def depths(conn: aiosqlite.Connection) -> dict[str, int]:
 
 
 # ---------------------------------------------------------------- the worker's round
+#
+# Blocking sqlite3 code: the worker runs a whole round (settle the last batch, plan and claim
+# the next) as one `StoreWriter.run_in_transaction` call, a single trip to the database
+# thread.
+
+SELECT_WINDOW = (
+    "SELECT id, device_id, state, next_attempt_at FROM outbox WHERE sink = ? ORDER BY id LIMIT ?"
+)
 
 
-async def window(conn: aiosqlite.Connection, sink: str, limit: int) -> list[OutboxRow]:
-    """The sink's oldest unfinished entries, in id order, for `plan_batch`."""
-    async with conn.execute(
-        "SELECT id, device_id, state, next_attempt_at FROM outbox WHERE sink = ?"
-        " ORDER BY id LIMIT ?",
-        (sink, limit),
-    ) as cursor:
-        rows = await cursor.fetchall()
-    # The planner keys order by device; the device id is as good as its name.
-    return [OutboxRow(row[0], str(row[1]), DeliveryState(row[2]), row[3]) for row in rows]
+def plan_window(
+    conn: sqlite3.Connection, sink: str, *, now: float, limit: int, window: int
+) -> BatchPlan:
+    """Plan the sink's next batch from its oldest `window` unfinished entries, reading
+    them in id order only as far as the plan needs (see `BatchPlanner`)."""
+    planner = BatchPlanner(now=now, limit=limit)
+    cursor = conn.execute(SELECT_WINDOW, (sink, window))
+    try:
+        for row in cursor:
+            # The planner keys order by device; the device id is as good as its name.
+            if not planner.offer(OutboxRow(row[0], str(row[1]), DeliveryState(row[2]), row[3])):
+                break
+    finally:
+        cursor.close()
+    return planner.plan()
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,37 +116,57 @@ def _entry(row: Any) -> Entry:
     return Entry(row[0], row[1], row[2], row[3], row[4], Encoding(row[5]), row[6], row[7])
 
 
-async def claim(conn: aiosqlite.Connection, ids: Sequence[int]) -> list[Entry]:
+def claim(conn: sqlite3.Connection, ids: Sequence[int]) -> list[Entry]:
     """pending -> in_flight; returns the entries actually claimed (some may have been
     dropped meanwhile), in id order."""
     claimed: list[Entry] = []
     for part in _chunks(ids):
-        await conn.execute(
+        conn.execute(
             f"UPDATE outbox SET state = 'in_flight' WHERE id IN ({_marks(len(part))})"
             " AND state = 'pending'",
             part,
         )
-        async with conn.execute(
+        rows = conn.execute(
             f"SELECT {ENTRY_COLUMNS} FROM outbox WHERE id IN ({_marks(len(part))})"
             " AND state = 'in_flight' ORDER BY id",
             part,
-        ) as cursor:
-            claimed.extend(_entry(row) for row in await cursor.fetchall())
+        ).fetchall()
+        claimed.extend(_entry(row) for row in rows)
     return claimed
 
 
-async def release(conn: aiosqlite.Connection, ids: Sequence[int]) -> None:
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    """What one round claimed: the entries in id order and their messages by entry id
+    (missing where the source row is gone); when nothing was due, `wake_at` is the earliest
+    retry (None: nothing waits)."""
+
+    entries: list[Entry]
+    messages: dict[int, RelayMessage]
+    wake_at: float | None
+
+
+def claim_next(
+    conn: sqlite3.Connection, sink: str, *, now: float, limit: int, window: int, gateway: str
+) -> Claimed:
+    """Plan the sink's next batch and claim it, with the messages to send."""
+    plan = plan_window(conn, sink, now=now, limit=limit, window=window)
+    entries = claim(conn, [row.id for row in plan.send]) if plan.send else []
+    return Claimed(entries, load_messages(conn, entries, gateway=gateway), plan.wake_at)
+
+
+def release(conn: sqlite3.Connection, ids: Sequence[int]) -> None:
     """in_flight -> pending without counting an attempt (cancelled, not failed)."""
     for part in _chunks(ids):
-        await conn.execute(
+        conn.execute(
             f"UPDATE outbox SET state = 'pending' WHERE id IN ({_marks(len(part))})"
             " AND state = 'in_flight'",
             part,
         )
 
 
-async def load_messages(
-    conn: aiosqlite.Connection, entries: Sequence[Entry], *, gateway: str
+def load_messages(
+    conn: sqlite3.Connection, entries: Sequence[Entry], *, gateway: str
 ) -> dict[int, RelayMessage]:
     """The message of each entry, by entry id; entries whose source is gone are missing."""
     messages: dict[int, RelayMessage] = {}
@@ -139,46 +174,44 @@ async def load_messages(
     events = [e for e in entries if e.kind != "reading"]
     found: dict[int, RelayMessage] = {}
     for part in _chunks([e.ref_id for e in readings]):
-        async with conn.execute(
+        for row in conn.execute(
             "SELECT r.id, d.name, d.type, r.measurement, r.value, r.kind, r.unit,"
             " r.device_time, r.received_at, r.seq"
             f" FROM readings r JOIN devices d ON d.id = r.device_id WHERE r.id IN"
             f" ({_marks(len(part))})",
             part,
-        ) as cursor:
-            for row in await cursor.fetchall():
-                found[row[0]] = reading_message(
-                    reading_id=row[0],
-                    device=row[1],
-                    device_type=row[2],
-                    gateway=gateway,
-                    name=row[3],
-                    value=value_from_row(row[4], row[5]),
-                    unit=row[6],
-                    device_time=row[7],
-                    received_at=row[8],
-                    seq=row[9],
-                )
+        ).fetchall():
+            found[row[0]] = reading_message(
+                reading_id=row[0],
+                device=row[1],
+                device_type=row[2],
+                gateway=gateway,
+                name=row[3],
+                value=value_from_row(row[4], row[5]),
+                unit=row[6],
+                device_time=row[7],
+                received_at=row[8],
+                seq=row[9],
+            )
     for entry in readings:
         if entry.ref_id in found:
             messages[entry.id] = found[entry.ref_id]
     found = {}
     for part in _chunks([e.ref_id for e in events]):
-        async with conn.execute(
+        for row in conn.execute(
             "SELECT e.id, e.kind, e.at, e.body, e.device, e.device_type"
             f" FROM events e WHERE e.id IN ({_marks(len(part))})",
             part,
-        ) as cursor:
-            for row in await cursor.fetchall():
-                found[row[0]] = event_message(
-                    event_id=row[0],
-                    kind=row[1],
-                    at=row[2],
-                    body=json.loads(row[3]),
-                    device=row[4],
-                    device_type=row[5],
-                    gateway=gateway,
-                )
+        ).fetchall():
+            found[row[0]] = event_message(
+                event_id=row[0],
+                kind=row[1],
+                at=row[2],
+                body=json.loads(row[3]),
+                device=row[4],
+                device_type=row[5],
+                gateway=gateway,
+            )
     for entry in events:
         if entry.ref_id in found:
             messages[entry.id] = found[entry.ref_id]
@@ -218,7 +251,7 @@ class Outcome:
     error: str | None
 
 
-async def apply(conn: aiosqlite.Connection, outcomes: Sequence[Outcome], *, now: float) -> None:
+def apply(conn: sqlite3.Connection, outcomes: Sequence[Outcome], *, now: float) -> None:
     """Write the settlements: delete the delivered, reschedule retries, move the dead."""
     delivered = [(o.entry.id,) for o in outcomes if o.settlement.state is DeliveryState.DELIVERED]
     retry = [
@@ -227,13 +260,13 @@ async def apply(conn: aiosqlite.Connection, outcomes: Sequence[Outcome], *, now:
         if o.settlement.state is DeliveryState.PENDING
     ]
     dead = [o for o in outcomes if o.settlement.state is DeliveryState.DEAD]
-    await conn.executemany("DELETE FROM outbox WHERE id = ?", delivered)
-    await conn.executemany(
+    conn.executemany("DELETE FROM outbox WHERE id = ?", delivered)
+    conn.executemany(
         "UPDATE outbox SET state = 'pending', attempt = ?, next_attempt_at = ?, last_error = ?"
         " WHERE id = ?",
         retry,
     )
-    await conn.executemany(
+    conn.executemany(
         "INSERT INTO dead_letters (outbox_id, sink, kind, ref_id, device_id, encoding, attempt,"
         " first_at, dead_at, reason, last_error) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         [
@@ -253,7 +286,7 @@ async def apply(conn: aiosqlite.Connection, outcomes: Sequence[Outcome], *, now:
             for o in dead
         ],
     )
-    await conn.executemany("DELETE FROM outbox WHERE id = ?", [(o.entry.id,) for o in dead])
+    conn.executemany("DELETE FROM outbox WHERE id = ?", [(o.entry.id,) for o in dead])
 
 
 async def drop_oldest(conn: aiosqlite.Connection, sink: str, count: int) -> int:

@@ -1,11 +1,13 @@
 """One sink's worker: claim due outbox entries, publish them, settle each one.
 
-A round reads a window of the sink's unfinished entries, lets the pure planner pick what
-may go now without breaking per-device order, claims those (pending -> in_flight) in one
-writer transaction, publishes them with `publish_batch`, and writes every outcome in one
-more: delivered entries are deleted, transient failures rescheduled with backoff, the rest
-moved to the dead letters. Then it waits for a commit (the `wake` event), the earliest
-retry, or `poll_interval`.
+A round is one writer transaction, run in a single trip to the database thread: it writes
+the outcomes of the batch just published (delivered entries are deleted, transient failures
+rescheduled with backoff, the rest moved to the dead letters), reads the sink's unfinished
+entries in id order as far as the pure planner needs to pick what may go now without
+breaking per-device order, claims those (pending -> in_flight) and loads their messages.
+The worker then publishes them with `publish_batch`, and the next round settles them. Once
+nothing is due it waits for a commit (the `wake` event), the earliest retry, or
+`poll_interval`.
 
 Cancelled (shutdown) or failed mid-round, the worker puts its claimed entries back to
 pending, shielded from the cancellation, and re-raises; a crash leaves them in flight, and
@@ -21,7 +23,6 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import aiosqlite
 import structlog
 
 from gateway.core.outbox import (
@@ -30,7 +31,6 @@ from gateway.core.outbox import (
     Random,
     Settlement,
     check_transition,
-    plan_batch,
     settle,
 )
 from gateway.errors import GatewayError, PermanentSinkError
@@ -68,7 +68,6 @@ class SinkWorker:
         config: RelayConfig,
         gateway: str,
         writer: StoreWriter,
-        reader: aiosqlite.Connection,
         stats: SinkStats,
         clock: Callable[[], float] = time.time,
         rng: Random,
@@ -80,10 +79,9 @@ class SinkWorker:
         self._config = config
         self._gateway = gateway
         self._writer = writer
-        self._reader = reader
         self._clock = clock
         self._rng = rng
-        self._window = max(MIN_WINDOW, config.batch_size * 10)
+        self._window = max(MIN_WINDOW, self._largest_batch * 10)
         self._was_connected: bool | None = None
         self._log = log.bind(sink=sink.name)
 
@@ -95,74 +93,143 @@ class SinkWorker:
             except (GatewayError, sqlite3.Error):
                 self._log.exception("relay.worker_failed")
                 wait = self._config.poll_interval
-            if wait is None:
-                continue
             if wait > 0:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(wait):
                         await self.wake.wait()
 
-    async def step(self) -> float | None:
-        """One round. None: a batch went out, look again at once; else seconds to wait."""
-        now = self._clock()
-        rows = await store.window(self._reader, self.sink.name, self._window)
-        plan = plan_batch(rows, now=now, limit=self._config.batch_size)
-        if not plan.send:
-            if plan.wake_at is None:
-                return self._config.poll_interval
-            return min(self._config.poll_interval, max(0.0, plan.wake_at - now))
-        await self.deliver([row.id for row in plan.send])
-        return None
+    async def step(self) -> float:
+        """Rounds while entries are due; then the seconds to wait before looking again.
 
-    async def deliver(self, ids: Sequence[int]) -> None:
-        claiming = asyncio.ensure_future(self._writer.transaction(lambda c: store.claim(c, ids)))
-        try:
-            entries = await asyncio.shield(claiming)
-        except asyncio.CancelledError:
-            # The claim may still commit after we were cancelled: undo it once it has.
-            with contextlib.suppress(Exception):
-                await asyncio.wait([claiming])
-            await self._release(ids)
-            raise
-        if not entries:
-            return
-        try:
-            outcomes = await self._send(entries)
-        except BaseException:
-            await self._release([entry.id for entry in entries])
-            raise
+        A round is one trip to the database thread, which settles the batch just sent and
+        claims the next in one transaction, and the publishing of a batch. After a full
+        batch (a backlog), and whenever outcomes are still to be written, the next trip
+        runs while a batch is published, so the database work overlaps the wait for the
+        downstream's confirmations. Order per device holds: a trip claims nothing of a
+        device with entries still in flight, and settles the batch before.
+        """
+        settled: Sequence[store.Outcome] = ()
+        claimed: store.Claimed | None = None
+        while True:
+            if claimed is None:
+                now = self._clock()
+                claimed = await self._settle_and_claim(settled, now)
+                settled = ()
+                if not claimed.entries:
+                    if claimed.wake_at is None:
+                        return self._config.poll_interval
+                    return min(self._config.poll_interval, max(0.0, claimed.wake_at - now))
+            ahead: asyncio.Task[store.Claimed] | None = None
+            # Unwritten outcomes always go with the next trip, so none are carried over.
+            if settled or len(claimed.entries) >= self._config.batch_size:
+                ahead = asyncio.create_task(self._settle_and_claim(settled, self._clock()))
+                settled = ()
+            try:
+                outcomes = await self._send(claimed)
+            except BaseException:
+                await self._release([entry.id for entry in claimed.entries])
+                if ahead is not None:
+                    await self._abandon(ahead)
+                raise
+            if ahead is None:
+                settled, claimed = outcomes, None
+                continue
+            try:
+                after = await asyncio.shield(ahead)
+            except BaseException:
+                # Cancelled, or the trip ahead failed: this batch was published all the
+                # same, so its outcomes are written on their own.
+                await self._settle_alone(outcomes, ahead)
+                raise
+            # Nothing claimed ahead (perhaps only this batch's devices had more): the next
+            # trip settles this batch before it looks again.
+            settled, claimed = outcomes, after if after.entries else None
+
+    @property
+    def _largest_batch(self) -> int:
+        return max(self._config.batch_size, self._config.catch_up_batch_size or 0)
+
+    def _batch_limit(self) -> int:
+        """How many entries the next claim may take: more while a backlog drains."""
+        catch_up = self._config.catch_up_batch_size
+        if catch_up is not None and self.stats.depth >= catch_up:
+            return catch_up
+        return self._config.batch_size
+
+    async def _abandon(self, ahead: asyncio.Task[store.Claimed]) -> None:
+        """Let a trip run ahead finish, then put back what it claimed. Not cancelled: it
+        also settles the batch before, which must be written (or put back if it fails)."""
+        await asyncio.wait([ahead])
+        if not ahead.cancelled() and ahead.exception() is None:
+            await self._release([entry.id for entry in ahead.result().entries])
+
+    async def _settle_alone(
+        self, outcomes: Sequence[store.Outcome], ahead: asyncio.Task[store.Claimed]
+    ) -> None:
+        """Cancelled or failed while a trip ran ahead: let it finish and put back what it
+        claimed, then write `outcomes` on their own (or put their entries back)."""
+        await self._abandon(ahead)
         now = self._clock()
         settling = asyncio.ensure_future(
-            self._writer.transaction(lambda c: store.apply(c, outcomes, now=now))
+            self._writer.run_in_transaction(lambda conn: store.apply(conn, outcomes, now=now))
         )
+        await asyncio.wait([settling])
+        if not settling.cancelled() and settling.exception() is None:
+            self._account(outcomes, now)
+        else:
+            await self._release([outcome.entry.id for outcome in outcomes])
+
+    async def _settle_and_claim(
+        self, settled: Sequence[store.Outcome], now: float
+    ) -> store.Claimed:
+        """Write the outcomes of the last batch and claim the next, in one transaction."""
+        sink, gateway, window = self.sink.name, self._gateway, self._window
+        limit = self._batch_limit()
+
+        def round_trip(conn: sqlite3.Connection) -> store.Claimed:
+            store.apply(conn, settled, now=now)
+            return store.claim_next(
+                conn, sink, now=now, limit=limit, window=window, gateway=gateway
+            )
+
+        trip = asyncio.ensure_future(self._writer.run_in_transaction(round_trip))
         try:
-            await asyncio.shield(settling)
+            claimed = await asyncio.shield(trip)
         except asyncio.CancelledError:
-            # The settlement is queued and commits anyway; count it, then stop.
-            await asyncio.wait([settling])
-            if not settling.cancelled() and settling.exception() is None:
-                self._account(outcomes, now)
+            # The trip is queued and may still commit: once it has, count what it settled
+            # and put back what it claimed; if it did not, put back the unsettled batch.
+            await asyncio.wait([trip])
+            if not trip.cancelled() and trip.exception() is None:
+                self._account(settled, now)
+                await self._release([entry.id for entry in trip.result().entries])
             else:
-                await self._release([entry.id for entry in entries])
+                await self._release([outcome.entry.id for outcome in settled])
             raise
         except BaseException:
-            await self._release([entry.id for entry in entries])
+            # Rolled back: the last batch is still in flight. Sent again later, which
+            # at-least-once allows.
+            await self._release([outcome.entry.id for outcome in settled])
             raise
-        self._account(outcomes, now)
+        self._account(settled, now)
+        return claimed
 
     async def _release(self, ids: Sequence[int]) -> None:
+        if not ids:
+            return
         try:
-            await asyncio.shield(self._writer.transaction(lambda c: store.release(c, ids)))
+            await asyncio.shield(
+                self._writer.run_in_transaction(lambda conn: store.release(conn, ids))
+            )
         except (GatewayError, sqlite3.Error) as exc:
             # The writer is closing; the next start puts in-flight entries back.
             self._log.warning("relay.release_failed", entries=len(ids), error=str(exc))
         else:
             self._log.info("relay.released", entries=len(ids))
 
-    async def _send(self, entries: Sequence[store.Entry]) -> list[store.Outcome]:
+    async def _send(self, claimed: store.Claimed) -> list[store.Outcome]:
         now = self._clock()
         policy = self._config.retry
-        messages = await store.load_messages(self._reader, entries, gateway=self._gateway)
+        entries, messages = claimed.entries, claimed.messages
         outcomes: list[store.Outcome] = []
         batch: list[Delivery] = []
         by_id = {entry.id: entry for entry in entries}

@@ -31,6 +31,8 @@ log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
 TransactionOp = Callable[[aiosqlite.Connection], Awaitable[Any]]
+#: Blocking sqlite3 code run on the database thread (see `StoreWriter.run_in_transaction`).
+ThreadOp = Callable[[sqlite3.Connection], Any]
 CommitListener = Callable[[Sequence[StoredReading]], None]
 CommitHook = Callable[[], None]
 
@@ -75,6 +77,7 @@ class _Job:
     future: asyncio.Future[Any]
     readings: ReadingBatch | None = None
     op: TransactionOp | None = None
+    thread_op: ThreadOp | None = None
 
 
 @dataclass(slots=True)
@@ -127,6 +130,18 @@ class StoreWriter:
     async def transaction(self, op: Callable[[aiosqlite.Connection], Awaitable[T]]) -> T:
         """Run `op` inside a write transaction shared with other requests; its result."""
         result: T = await self._submit(_Job(asyncio.get_running_loop().create_future(), op=op))
+        return result
+
+    async def run_in_transaction(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `fn(conn)` on the database thread inside a shared write transaction.
+
+        `fn` is blocking sqlite3 code: all its statements cost one trip to the database
+        thread, where `transaction` costs one per statement (each trip is a thread hand-off
+        and a wake-up of the event loop). It must not commit or roll back; raising rolls
+        back the shared transaction, and the writer then retries the other requests alone.
+        """
+        job = _Job(asyncio.get_running_loop().create_future(), thread_op=fn)
+        result: T = await self._submit(job)
         return result
 
     async def _submit(self, job: _Job) -> Any:
@@ -197,26 +212,30 @@ class StoreWriter:
                     log.exception("store.listener_failed", listener=repr(listener))
 
     async def _apply(self, jobs: list[_Job]) -> tuple[list[Any], list[StoredReading]]:
+        batches = [job.readings for job in jobs if job.readings is not None]
         if all(job.op is None for job in jobs):
-            batches = [job.readings for job in jobs if job.readings is not None]
-            if not batches:
+            if not batches and all(job.thread_op is None for job in jobs):
                 return [None] * len(jobs), []
-            # Readings alone: the whole transaction in one trip to the database thread
-            # instead of one per statement (each trip is a thread hand-off and a wake-up
-            # of the event loop, which costs more than the statements themselves).
+            # Nothing needs the event loop: the whole transaction in one trip to the
+            # database thread instead of one per statement (each trip is a thread hand-off
+            # and a wake-up of the event loop, which costs more than the statements).
             # `_execute` is aiosqlite's own way to run a function on its thread (0.17-0.22).
-            committed: list[StoredReading] = await self._conn._execute(  # type: ignore[no-untyped-call]
-                self._insert_committed, batches
+            results, committed = await self._conn._execute(  # type: ignore[no-untyped-call]
+                self._commit_on_thread, jobs, batches
             )
             self._count(batches, committed)
-            return [None] * len(jobs), committed
+            return results, committed
         conn = self._conn
         await conn.execute("BEGIN IMMEDIATE")
         try:
-            results: list[Any] = []
+            results = []
             for job in jobs:
-                results.append(await job.op(conn) if job.op is not None else None)
-            batches = [job.readings for job in jobs if job.readings is not None]
+                if job.op is not None:
+                    results.append(await job.op(conn))
+                elif job.thread_op is not None:
+                    results.append(await conn._execute(job.thread_op, conn._conn))  # type: ignore[no-untyped-call]
+                else:
+                    results.append(None)
             committed = await self._insert(batches) if batches else []
             await conn.execute("COMMIT")
         except BaseException:
@@ -231,19 +250,25 @@ class StoreWriter:
         self.stats.readings += len(committed)
         self.stats.duplicates += submitted - len(committed)
 
-    def _insert_committed(self, batches: list[ReadingBatch]) -> list[StoredReading]:
-        """BEGIN, insert, COMMIT on the database thread (blocking; see `_apply`)."""
+    def _commit_on_thread(
+        self, jobs: list[_Job], batches: list[ReadingBatch]
+    ) -> tuple[list[Any], list[StoredReading]]:
+        """BEGIN, the thread ops, the readings, COMMIT on the database thread (blocking;
+        see `_apply`). Operations run before the readings, as on the async path."""
         conn: sqlite3.Connection = self._conn._conn
         conn.execute("BEGIN IMMEDIATE")
         try:
-            stored = _insert_and_collect(conn, batches)
-            self._record_own(stored)
+            results = [None if job.thread_op is None else job.thread_op(conn) for job in jobs]
+            stored: list[StoredReading] = []
+            if batches:
+                stored = _insert_and_collect(conn, batches)
+                self._record_own(stored)
             conn.execute("COMMIT")
         except BaseException:
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
             raise
-        return stored
+        return results, stored
 
     async def _insert(self, batches: list[ReadingBatch]) -> list[StoredReading]:
         """The readings of a transaction that also runs operations (see `_apply`)."""

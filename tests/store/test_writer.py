@@ -190,3 +190,52 @@ async def test_retention_keeps_readings_still_to_be_relayed(db: aiosqlite.Connec
         assert [row[0] for row in await cursor.fetchall()] == [1]
     await writer.close()
     await task
+
+
+def count_readings(conn: sqlite3.Connection) -> int:
+    return int(conn.execute("SELECT count(*) FROM readings").fetchone()[0])
+
+
+async def test_thread_ops_share_one_transaction_with_readings(db: aiosqlite.Connection) -> None:
+    writer = StoreWriter(db)
+    first = asyncio.create_task(writer.insert_readings(batch(("t", 1, 1))))
+    # Thread ops run before the batch's readings, like async ones: this sees none yet.
+    seen = asyncio.create_task(writer.run_in_transaction(count_readings))
+    second = asyncio.create_task(writer.insert_readings(batch(("t", 2, 2))))
+    await asyncio.sleep(0)  # all three queued before the writer takes its first batch
+    task = await running(writer)
+    await asyncio.gather(first, second)
+    assert await seen == 0
+    assert await writer.run_in_transaction(count_readings) == 2
+    assert writer.stats.batches == 2 and writer.stats.readings == 2
+    await writer.close()
+    await task
+
+
+async def test_a_failing_thread_op_fails_only_its_caller(db: aiosqlite.Connection) -> None:
+    writer = StoreWriter(db)
+
+    def broken(conn: sqlite3.Connection) -> None:
+        conn.execute("UPDATE devices SET last_seen = 1")
+        raise ValueError("bad op")
+
+    async def as_op(conn: aiosqlite.Connection) -> int:
+        async with conn.execute("SELECT count(*) FROM devices") as cursor:
+            (count,) = await cursor.fetchone()  # type: ignore[misc]
+        return int(count)
+
+    stored = asyncio.create_task(writer.insert_readings(batch(("t", 1, 1))))
+    failing = asyncio.create_task(writer.run_in_transaction(broken))
+    # An async op in the same batch: the thread op then runs on the per-statement path.
+    counted = asyncio.create_task(writer.transaction(as_op))
+    await asyncio.sleep(0)
+    task = await running(writer)
+    await stored
+    with pytest.raises(ValueError, match="bad op"):
+        await failing
+    assert await counted == 1
+    await writer.close()
+    await task
+    async with db.execute("SELECT last_seen FROM devices") as cursor:
+        assert await cursor.fetchone() == (100.0,)  # the reading's, not the rolled-back 1
+    assert writer.stats.readings == 1

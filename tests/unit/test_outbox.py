@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from gateway.core.outbox import (
     TRANSITIONS,
     BatchPlan,
+    BatchPlanner,
     DeliveryState,
     IllegalTransitionError,
     OutboxRow,
@@ -180,3 +181,46 @@ def test_planner_never_lets_a_row_overtake(
             )
             if r.state is S.PENDING and r.next_attempt_at <= now and unblocked:
                 assert r.id in chosen
+
+
+def plan_by_full_scan(rows: list[OutboxRow], *, now: float, limit: int) -> BatchPlan:
+    """The planner as it was before it could stop early: every row of the window seen."""
+    blocked: set[str] = set()
+    send: list[OutboxRow] = []
+    wake_at: float | None = None
+    for r in sorted(rows, key=lambda r: r.id):
+        if r.state in (S.DELIVERED, S.DEAD) or r.device in blocked:
+            continue
+        if r.state is S.IN_FLIGHT:
+            blocked.add(r.device)
+        elif r.next_attempt_at > now:
+            blocked.add(r.device)
+            wake_at = r.next_attempt_at if wake_at is None else min(wake_at, r.next_attempt_at)
+        elif len(send) < limit:
+            send.append(r)
+        else:
+            wake_at = now if wake_at is None else min(wake_at, now)
+            blocked.add(r.device)
+    return BatchPlan(tuple(send), wake_at)
+
+
+@given(
+    st.lists(st.tuples(st.sampled_from("abcd"), states, st.floats(0, 20)), max_size=40),
+    st.floats(0, 20),
+    st.integers(1, 10),
+)
+def test_the_planner_stops_reading_only_when_the_rest_cannot_matter(
+    specs: list[tuple[str, DeliveryState, float]], now: float, limit: int
+) -> None:
+    rows = [row(i, d, s, at) for i, (d, s, at) in enumerate(specs)]
+    planner = BatchPlanner(now=now, limit=limit)
+    read = 0
+    for r in rows:
+        read += 1
+        if not planner.offer(r):
+            break
+    assert planner.plan() == plan_by_full_scan(rows, now=now, limit=limit)
+    # It stops at the first due row beyond the limit, and not before.
+    due = [r for r in rows if r.state is S.PENDING and r.next_attempt_at <= now]
+    if read < len(rows):
+        assert len(planner.plan().send) == limit and len(due) > limit

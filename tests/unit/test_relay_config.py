@@ -117,6 +117,10 @@ def edit(old: str, new: str) -> str:
         (edit('mode = "batch"', 'topic = "{nope}"'), "sinks[3].topic"),
         (edit("max_outbox = 5000", "max_outbox = 0"), "relay.max_outbox"),
         (edit('policy = "drop_oldest"', 'policy = "panic"'), "relay.policy"),
+        (
+            edit("max_outbox = 5000", "max_outbox = 5000\ncatch_up_batch_size = 50"),
+            "relay.catch_up_batch_size",
+        ),
         (edit("max_attempts = 4", "max_attempts = -1"), "relay.retry"),
         (edit("max_attempts = 4", "max_tries = 4"), "relay.retry.max_tries"),
         (edit("qos = 1", "qos = 1\ncolour = 2"), "sinks[0].colour"),

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from gateway.relay.envelope import (
     KINDS,
+    AddressTemplate,
     Encoding,
     EnvelopeError,
     RelayMessage,
@@ -149,3 +150,16 @@ def test_templates() -> None:
     for bad in ("{nope}", "{device!r}", "{device:>5}", "{"):
         with pytest.raises(ValueError):
             check_template(bad)
+
+
+def test_an_address_template_renders_as_the_template_does() -> None:
+    messages = [
+        RelayMessage(f"r-{i}", kind, device, "fridge", "g", None, 0.0)
+        for i, (kind, device) in enumerate(
+            [("reading", "x.y"), ("reading", "x.y"), ("alert", "x.y"), ("reading", "z")]
+        )
+    ]
+    for template in ("coapgw.{type}.{device}.{kind}", "coapgw.{device}.{id}"):
+        addresses = AddressTemplate(template, nats_safe)
+        for message in messages:
+            assert addresses.render(message) == render_template(template, message, nats_safe)

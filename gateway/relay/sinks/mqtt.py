@@ -25,7 +25,7 @@ from paho.mqtt.properties import Properties
 
 from gateway.errors import SinkError, TransientSinkError
 from gateway.relay.config import SinkConfig
-from gateway.relay.envelope import mqtt_safe, render_template
+from gateway.relay.envelope import AddressTemplate, mqtt_safe
 from gateway.relay.sinks.base import Delivery, Result, SinkBase
 
 
@@ -40,6 +40,7 @@ class MqttSink(SinkBase):
     def __init__(self, config: SinkConfig) -> None:
         super().__init__(config.name)
         self._config = config
+        self._topics = AddressTemplate(config.topic, mqtt_safe)
         url = urlsplit(config.url)
         self._tls = config.tls or url.scheme == "mqtts"
         self._host = url.hostname or "localhost"
@@ -52,7 +53,7 @@ class MqttSink(SinkBase):
         await self._disconnect()
 
     def topic(self, delivery: Delivery) -> str:
-        return render_template(self._config.topic, delivery.message, mqtt_safe)
+        return self._topics.render(delivery.message)
 
     async def _connect(self) -> aiomqtt.Client:
         if self._client is not None:

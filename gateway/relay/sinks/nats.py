@@ -29,7 +29,7 @@ from nats.js import JetStreamContext
 
 from gateway.errors import SinkError, TransientSinkError
 from gateway.relay.config import SinkConfig
-from gateway.relay.envelope import nats_safe, render_template
+from gateway.relay.envelope import AddressTemplate, nats_safe
 from gateway.relay.sinks.base import Delivery, Result, SinkBase
 
 MSG_ID_HEADER = "Nats-Msg-Id"
@@ -60,6 +60,7 @@ class NatsSink(SinkBase):
     def __init__(self, config: SinkConfig) -> None:
         super().__init__(config.name)
         self._config = config
+        self._subjects = AddressTemplate(config.subject, nats_safe)
         self._nc: NatsClient | None = None
         self._js: JetStreamContext | None = None
 
@@ -67,7 +68,7 @@ class NatsSink(SinkBase):
         await self._disconnect()
 
     def subject(self, delivery: Delivery) -> str:
-        return render_template(self._config.subject, delivery.message, nats_safe)
+        return self._subjects.render(delivery.message)
 
     async def _on_error(self, exc: Exception) -> None:
         self._log.debug("sink.nats_error", error=str(exc))
