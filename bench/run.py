@@ -368,7 +368,10 @@ async def sustained_rate(
         answered = set(stats.codes) == {"2.04"} and not stats.lost and not stats.skipped
         if answered and stats.rate >= 0.95 * rate and behind <= max(50, 0.5 * rate):
             return stats.rate, notes
-        notes.append(f"offered {rate:.0f}/s: {behind} entries behind at the end, lower")
+        notes.append(
+            f"offered {rate:.0f}/s: answered {stats.rate:.0f}/s, codes {dict(stats.codes)},"
+            f" lost {stats.lost}, {behind} entries behind at the end; lower"
+        )
         rate *= 0.85
     notes.append(f"no probe kept up; reporting the last one ({rate / 0.85:.0f}/s)")
     return rate / 0.85, notes

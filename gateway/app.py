@@ -45,7 +45,7 @@ from gateway.relay.service import Relay
 from gateway.relay.sinks.base import Sink
 from gateway.rules_service import RulesService
 from gateway.security import SecurityLayer
-from gateway.store.db import migrate, open_database
+from gateway.store.db import WriteLock, migrate, open_database
 from gateway.store.feed import StoreFeed
 from gateway.store.retention import RetentionPolicy, prune
 from gateway.store.writer import StoreWriter
@@ -119,6 +119,8 @@ class Gateway:
         )
         if self.seat.shared:
             self.writer.own_reading_ids = collections.deque()
+            self.writer.write_lock = WriteLock(config.store.path)
+            stack.callback(self.writer.write_lock.close)
         self.registry = Registry(self.writer, clock=self._clock)
         await self.registry.load(self.db)
         # Entered before the TaskGroup, so they are closed only after every worker ended.

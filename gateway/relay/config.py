@@ -53,6 +53,9 @@ class SinkConfig:
     retain: bool = False
     topic: str = DEFAULT_MQTT_TOPIC
     mqtt_version: Literal["3.1.1", "5"] = "3.1.1"
+    #: QoS 1/2 publishes awaiting acknowledgement at once; 0: 100 over MQTT 3.1.1, paho's 20
+    #: over MQTT 5 (keep it within the broker's Receive Maximum).
+    max_in_flight: int = 0
     client_id: str | None = None
     username: str | None = None
     password: str | None = field(default=None, repr=False)
@@ -169,6 +172,8 @@ def _check_sink(sink: SinkConfig, key: str) -> None:
             raise fail("qos", "must be 0 or 1")
         if sink.mqtt_version not in ("3.1.1", "5"):
             raise fail("mqtt_version", 'must be "3.1.1" or "5"')
+        if sink.max_in_flight < 0:
+            raise fail("max_in_flight", "must be 0 (the default for the version) or more")
     if sink.type == "nats":
         if sink.create_stream and not sink.stream:
             raise fail("stream", "create_stream needs a stream name")

@@ -26,6 +26,7 @@ import structlog
 from gateway.core.model import Device, StoredReading, value_from_row, value_kind
 from gateway.core.readings import Measurement
 from gateway.errors import OverloadedError, StoreError
+from gateway.store.db import WriteLock
 
 log = structlog.get_logger(__name__)
 
@@ -110,6 +111,8 @@ class StoreWriter:
         #: Id ranges of the readings this writer inserted, recorded before their COMMIT so
         #: that a reader who sees the rows can tell them from other processes' (`StoreFeed`).
         self.own_reading_ids: collections.deque[tuple[int, int]] | None = None
+        #: Shared with the other worker processes' writers (see `WriteLock`).
+        self.write_lock: WriteLock | None = None
         self.stats = WriterStats()
 
     def add_commit_listener(self, listener: CommitListener) -> None:
@@ -226,7 +229,7 @@ class StoreWriter:
             self._count(batches, committed)
             return results, committed
         conn = self._conn
-        await conn.execute("BEGIN IMMEDIATE")
+        await conn._execute(self._begin_on_thread)  # type: ignore[no-untyped-call]
         try:
             results = []
             for job in jobs:
@@ -242,6 +245,8 @@ class StoreWriter:
             with contextlib.suppress(sqlite3.Error):  # no transaction left to roll back
                 await conn.execute("ROLLBACK")
             raise
+        finally:
+            self._end()
         self._count(batches, committed)
         return results, committed
 
@@ -256,7 +261,7 @@ class StoreWriter:
         """BEGIN, the thread ops, the readings, COMMIT on the database thread (blocking;
         see `_apply`). Operations run before the readings, as on the async path."""
         conn: sqlite3.Connection = self._conn._conn
-        conn.execute("BEGIN IMMEDIATE")
+        self._begin_on_thread()
         try:
             results = [None if job.thread_op is None else job.thread_op(conn) for job in jobs]
             stored: list[StoredReading] = []
@@ -268,7 +273,22 @@ class StoreWriter:
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
             raise
+        finally:
+            self._end()
         return results, stored
+
+    def _begin_on_thread(self) -> None:
+        if self.write_lock is not None:
+            self.write_lock.acquire()
+        try:
+            self._conn._conn.execute("BEGIN IMMEDIATE")
+        except BaseException:
+            self._end()
+            raise
+
+    def _end(self) -> None:
+        if self.write_lock is not None:
+            self.write_lock.release()
 
     async def _insert(self, batches: list[ReadingBatch]) -> list[StoredReading]:
         """The readings of a transaction that also runs operations (see `_apply`)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import threading
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from gateway.core.model import Device, StoredReading
 from gateway.core.readings import Measurement
 from gateway.core.registration import RegistrationRequest
 from gateway.registry import Registry, RegistryEvent
-from gateway.store.db import migrate, open_database
+from gateway.store.db import WriteLock, migrate, open_database
 from gateway.store.feed import OwnIds, StoreFeed
 from gateway.store.writer import ReadingBatch, StoreWriter
 
@@ -52,6 +53,9 @@ async def workers(tmp_path: Path) -> AsyncIterator[tuple[Worker, Worker]]:
         Worker(StoreWriter(connections[0]), connections[1]),
         Worker(StoreWriter(connections[2]), connections[3]),
     )
+    locks = [WriteLock(path) for _ in pair]  # one each, as in two processes
+    for worker, lock in zip(pair, locks, strict=True):
+        worker.writer.write_lock = lock
     tasks = [asyncio.create_task(worker.writer.run()) for worker in pair]
     for worker in pair:
         await worker.registry.load(worker.reader)
@@ -64,6 +68,8 @@ async def workers(tmp_path: Path) -> AsyncIterator[tuple[Worker, Worker]]:
         await asyncio.gather(*tasks)
         for conn in connections:
             await conn.close()
+        for lock in locks:
+            lock.close()
 
 
 async def test_feed_hands_on_the_other_workers_readings_only(
@@ -106,3 +112,25 @@ def test_own_ids_are_known_until_the_feed_passed_them() -> None:
     assert [n for n in range(1, 12) if own.contains(n)] == [3, 4, 5, 9]
     own.forget_through(5)
     assert [n for n in range(1, 12) if own.contains(n)] == [9]
+
+
+def test_write_lock_makes_the_other_writer_wait_until_it_is_let_go(tmp_path: Path) -> None:
+    first, second = WriteLock(tmp_path / "gw.db"), WriteLock(tmp_path / "gw.db")
+    try:
+        first.acquire()
+        acquired = threading.Event()
+
+        def take() -> None:
+            second.acquire()
+            acquired.set()
+
+        thread = threading.Thread(target=take)
+        thread.start()
+        assert not acquired.wait(0.2)  # held by the first
+        first.release()
+        assert acquired.wait(5)
+        second.release()
+        thread.join()
+    finally:
+        first.close()
+        second.close()

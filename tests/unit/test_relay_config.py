@@ -111,6 +111,7 @@ def edit(old: str, new: str) -> str:
         (edit('encoding = "senml+cbor"', 'encoding = "xml"'), "routes[1].encoding"),
         (edit('kinds = ["reading", "alert"]', 'kinds = ["gossip"]'), "routes[1].kinds"),
         (edit("qos = 1", "qos = 2"), "sinks[0].qos"),
+        (edit("qos = 1", "qos = 1\nmax_in_flight = -1"), "sinks[0].max_in_flight"),
         (edit('url = "mqtt://127.0.0.1:1883"', 'url = "http://x"'), "sinks[0].url"),
         (edit('name = "js"', 'name = "broker"'), "sinks[1].name"),
         (edit('stream = "READINGS"\n', ""), "sinks[1].stream"),
@@ -138,3 +139,20 @@ def test_factory_builds_each_sink_without_network() -> None:
     assert kinds == [MqttSink, NatsSink, WebhookSink, CoapSink]
     memory = sink_from_config(SinkConfig(name="dry", type="memory"))
     assert isinstance(memory, MemorySink) and memory.name == "dry"
+
+
+@pytest.mark.parametrize(
+    ("version", "configured", "expected"),
+    [("3.1.1", 0, 100), ("5", 0, None), ("5", 16, 16), ("3.1.1", 500, 500)],
+)
+def test_mqtt_publishes_in_flight_follow_the_protocol_version(
+    version: str, configured: int, expected: int | None
+) -> None:
+    config = SinkConfig(
+        name="m",
+        type="mqtt",
+        url="mqtt://127.0.0.1",
+        mqtt_version=version,  # type: ignore[arg-type]
+        max_in_flight=configured,
+    )
+    assert MqttSink(config)._in_flight == expected

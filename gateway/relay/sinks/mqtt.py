@@ -29,6 +29,11 @@ from gateway.relay.envelope import AddressTemplate, mqtt_safe
 from gateway.relay.sinks.base import Delivery, Result, SinkBase
 
 
+#: QoS 1 publishes awaiting PUBACK at once over MQTT 3.1.1 (paho's own default is 20): a
+#: relay batch (100) goes out without waiting for the first acknowledgements.
+DEFAULT_IN_FLIGHT_V311 = 100
+
+
 def tls_context(config: SinkConfig) -> ssl.SSLContext:
     context = ssl.create_default_context(cafile=config.ca_file)
     if config.cert_file:
@@ -47,6 +52,11 @@ class MqttSink(SinkBase):
         self._port = url.port or (8883 if self._tls else 1883)
         versions = aiomqtt.ProtocolVersion
         self._protocol = versions.V5 if config.mqtt_version == "5" else versions.V311
+        self._in_flight = config.max_in_flight or (
+            # MQTT 5 brokers announce how many they take (mosquitto: 20, paho's default) and
+            # drop a client that sends more; MQTT 3.1.1 has no such bound.
+            None if self._protocol is versions.V5 else DEFAULT_IN_FLIGHT_V311
+        )
         self._client: aiomqtt.Client | None = None
 
     async def _close(self) -> None:
@@ -68,6 +78,7 @@ class MqttSink(SinkBase):
             protocol=self._protocol,
             timeout=config.timeout,
             tls_context=tls_context(config) if self._tls else None,
+            max_inflight_messages=self._in_flight,
         )
         try:
             async with asyncio.timeout(config.timeout):
