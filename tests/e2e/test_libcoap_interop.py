@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import sqlite3
 from pathlib import Path
 
 import cbor2
 import pytest
 
 from gateway.app import Gateway
+from tests.support.gateway import GatewayProcess, gateway_config
 
 COAP_CLIENT = shutil.which("coap-client-notls") or shutil.which("coap-client")
 
@@ -68,3 +70,27 @@ async def test_discovery_registration_post_and_get(
         "-m", "post", "-t", "60", "-e", "garbage", f"{gateway_url}/r/lamp-9"
     )
     assert "4.00" in error and "malformed CBOR" in error
+
+
+async def test_coap_client_against_two_workers(tmp_path: Path) -> None:
+    """Each coap-client run talks from a new port, so the runs land on either worker."""
+    process = GatewayProcess(gateway_config(tmp_path), workers=2)
+    process.start()
+    try:
+        _, output = await coap_client_run(
+            "-m", "post", "-v", "7", f"{process.url}/rd?ep=lamp-1&et=streetlight&lt=120"
+        )
+        assert "2.01" in output, output
+        reading = tmp_path / "reading.cbor"
+        for seq in range(6):
+            reading.write_bytes(cbor2.dumps({"dim": 10 * seq, "seq": seq}))
+            _, output = await coap_client_run(
+                "-m", "post", "-t", "60", "-f", str(reading), "-v", "7", f"{process.url}/r/lamp-1"
+            )
+            assert "2.04" in output, output
+        _, output = await coap_client_run("-m", "get", "-A", "50", f"{process.url}/r/lamp-1")
+        assert '"dim"' in output and "50" in output, output
+        with sqlite3.connect(process.config.store.path) as conn:
+            assert conn.execute("SELECT count(*) FROM readings").fetchone() == (6,)
+    finally:
+        process.stop()
