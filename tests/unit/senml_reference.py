@@ -7,11 +7,11 @@ Do not optimise it: its job is to be obviously right.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
-from gateway.core.readings import Measurement, Value
+# The value checks are the production ones: what is kept here is the old way through a pack.
+from gateway.core.readings import Measurement, Value, _check_scalar, _check_time, _type_name
 from gateway.errors import ValidationError
 
 SENML_RELATIVE_TIME_LIMIT = 2**28
@@ -146,35 +146,3 @@ def idempotency_key(name: str, *, seq: int | None, time: float | None) -> str | 
     if time is not None:
         return f"t{time!r}/{name}"
     return None
-
-
-def _check_scalar(name: str, value: Any) -> Value:
-    if isinstance(value, bool | str):
-        return value
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise ValidationError(f"{name}: value must be finite", field=name)
-        return value
-    raise ValidationError(
-        f"{name}: value must be a number, bool or string, not {_type_name(value)}", field=name
-    )
-
-
-def _type_name(value: Any) -> str:
-    if isinstance(value, bytes | bytearray):
-        return "bytes"
-    if isinstance(value, Mapping):
-        return "map"
-    if isinstance(value, list | tuple):
-        return "array"
-    if value is None:
-        return "null"
-    return type(value).__name__
-
-
-def _check_time(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ValidationError(f"{name}: must be a finite number of seconds", field=name)
-    return float(value)
