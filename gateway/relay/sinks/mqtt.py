@@ -28,7 +28,6 @@ from gateway.relay.config import SinkConfig
 from gateway.relay.envelope import AddressTemplate, mqtt_safe
 from gateway.relay.sinks.base import Delivery, Result, SinkBase
 
-
 #: QoS 1 publishes awaiting PUBACK at once over MQTT 3.1.1 (paho's own default is 20): a
 #: relay batch (100) goes out without waiting for the first acknowledgements.
 DEFAULT_IN_FLIGHT_V311 = 100
