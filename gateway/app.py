@@ -212,10 +212,11 @@ class Gateway:
         if self.config.sinks:
             # Every worker counts the outbox all of them fill, for back-pressure.
             feed.add_reading_listener(self.relay.on_commit)
-        if self.seat.primary and self.config.sinks:
-            feed.add_reading_listener(lambda readings: self.relay.wake())
-        if self.seat.primary and self.config.rules:
-            feed.add_reading_listener(self.rules.on_commit)
+        if self.seat.primary:
+            if self.config.sinks:
+                feed.add_reading_listener(lambda readings: self.relay.wake())
+            if self.config.rules:
+                feed.add_reading_listener(self.rules.on_commit)
         else:
             # Worker 0 decides alerts and lists; the others notify their observers.
             feed.add_change_listener("alerts", self._alerts.updated_state)

@@ -68,10 +68,9 @@ class Ingest:
             )
 
     async def known_device(self, name: str) -> Device | None:
-        device = self._registry.device(name)
-        if device is None and self._lookup is not None:
-            device = await self._registry.find(name, self._lookup)
-        return device
+        if self._lookup is None:
+            return self._registry.device(name)
+        return await self._registry.find(name, self._lookup)
 
     async def device(self, name: str) -> Device:
         device = await self.known_device(name)

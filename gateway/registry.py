@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,17 +73,22 @@ class Registry:
                 log.exception("registry.listener_failed")
 
     async def load(self, conn: aiosqlite.Connection) -> None:
-        async with conn.execute("SELECT id, name, type FROM devices") as cursor:
-            rows = await cursor.fetchall()
         self._devices = {}
         self._by_id = {}
-        for row in rows:
-            self._remember(Device(row[0], row[1], row[2]))
+        await self._read_devices(conn)
         self._registrations = {row[1]: (row[4], row[5]) for row in await _registration_rows(conn)}
 
     def _remember(self, device: Device) -> None:
         self._devices[device.name] = device
         self._by_id[device.id] = device
+
+    async def _read_devices(
+        self, conn: aiosqlite.Connection, where: str = "", params: Sequence[Any] = ()
+    ) -> None:
+        """Remember the devices `where` selects (all of them by default)."""
+        async with conn.execute(f"SELECT id, name, type FROM devices {where}", params) as cursor:
+            for row in await cursor.fetchall():
+                self._remember(Device(row[0], row[1], row[2]))
 
     def device(self, name: str) -> Device | None:
         return self._devices.get(name)
@@ -93,25 +98,15 @@ class Registry:
         (another worker process registered it a moment ago)."""
         device = self._devices.get(name)
         if device is None:
-            async with conn.execute(
-                "SELECT id, name, type FROM devices WHERE name = ?", (name,)
-            ) as cursor:
-                row = await cursor.fetchone()
-            if row is not None:
-                device = Device(row[0], row[1], row[2])
-                self._remember(device)
+            await self._read_devices(conn, "WHERE name = ?", (name,))
+            device = self._devices.get(name)
         return device
 
     async def by_ids(self, ids: set[int], conn: aiosqlite.Connection) -> dict[int, Device]:
         """Devices by id, those this process does not know yet read from the database."""
         missing = [device_id for device_id in ids if device_id not in self._by_id]
         if missing:
-            marks = ",".join("?" * len(missing))
-            async with conn.execute(
-                f"SELECT id, name, type FROM devices WHERE id IN ({marks})", missing
-            ) as cursor:
-                for row in await cursor.fetchall():
-                    self._remember(Device(row[0], row[1], row[2]))
+            await self._read_devices(conn, f"WHERE id IN ({','.join('?' * len(missing))})", missing)
         return {device_id: self._by_id[device_id] for device_id in ids if device_id in self._by_id}
 
     async def sync(self, conn: aiosqlite.Connection) -> int:

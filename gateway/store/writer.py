@@ -266,8 +266,7 @@ class StoreWriter:
             results = [None if job.thread_op is None else job.thread_op(conn) for job in jobs]
             stored: list[StoredReading] = []
             if batches:
-                stored = _insert_and_collect(conn, batches)
-                self._record_own(stored)
+                stored = self._insert_on_thread(batches)
             conn.execute("COMMIT")
         except BaseException:
             with contextlib.suppress(sqlite3.Error):
@@ -292,17 +291,18 @@ class StoreWriter:
 
     async def _insert(self, batches: list[ReadingBatch]) -> list[StoredReading]:
         """The readings of a transaction that also runs operations (see `_apply`)."""
-        conn: sqlite3.Connection = self._conn._conn
         stored: list[StoredReading] = await self._conn._execute(  # type: ignore[no-untyped-call]
-            _insert_and_collect, conn, batches
+            self._insert_on_thread, batches
         )
-        self._record_own(stored)
         return stored
 
-    def _record_own(self, stored: list[StoredReading]) -> None:
-        # Inside the transaction: its ids are contiguous, as it holds the write lock.
+    def _insert_on_thread(self, batches: list[ReadingBatch]) -> list[StoredReading]:
+        """Insert inside the open transaction; the new readings' ids are recorded as this
+        writer's before COMMIT (they are contiguous: the transaction holds the write lock)."""
+        stored = _insert_and_collect(self._conn._conn, batches)
         if self.own_reading_ids is not None and stored:
             self.own_reading_ids.append((stored[0].id, stored[-1].id))
+        return stored
 
 
 def _insert_and_collect(

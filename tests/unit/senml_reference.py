@@ -10,31 +10,19 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
-# The value checks are the production ones: what is kept here is the old way through a pack.
-from gateway.core.readings import Measurement, Value, _check_scalar, _check_time, _type_name
+# RFC 8428's tables and the value checks are the production ones: what is kept here is the
+# old way through a pack.
+from gateway.core.readings import (
+    SENML_CBOR_LABELS,
+    SENML_JSON_LABELS,
+    SENML_RELATIVE_TIME_LIMIT,
+    Measurement,
+    Value,
+    _check_time,
+    _type_name,
+)
+from gateway.core.readings import _senml_value as senml_value
 from gateway.errors import ValidationError
-
-SENML_RELATIVE_TIME_LIMIT = 2**28
-
-# RFC 8428 §6 integer labels for CBOR, and the JSON names they stand for.
-SENML_CBOR_LABELS = {
-    -1: "bver",
-    -2: "bn",
-    -3: "bt",
-    -4: "bu",
-    -5: "bv",
-    -6: "bs",
-    0: "n",
-    1: "u",
-    2: "v",
-    3: "vs",
-    4: "vb",
-    5: "s",
-    6: "t",
-    7: "ut",
-    8: "vd",
-}
-SENML_JSON_LABELS = {name: label for label, name in SENML_CBOR_LABELS.items()}
 
 
 def reference_senml(document: Any, *, cbor_labels: bool, now: float) -> list[Measurement]:
@@ -125,19 +113,7 @@ def _from_senml(document: Any, *, cbor_labels: bool, now: float) -> Iterator[Mea
 
 
 def _senml_value(name: str, record: Mapping[str, Any], label: str, base_value: float) -> Value:
-    value = record[label]
-    if label in ("v", "s"):
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ValidationError(f"{name}: SenML {label} must be a number", field=name)
-        result = base_value + value if label == "v" else value
-        return _check_scalar(name, result)
-    if label == "vb":
-        if not isinstance(value, bool):
-            raise ValidationError(f"{name}: SenML vb must be a bool", field=name)
-        return value
-    if not isinstance(value, str):  # vs, vd
-        raise ValidationError(f"{name}: SenML {label} must be a string", field=name)
-    return value
+    return senml_value(name, SENML_JSON_LABELS[label], record[label], base_value)
 
 
 def idempotency_key(name: str, *, seq: int | None, time: float | None) -> str | None:
