@@ -27,6 +27,7 @@ COUNT [CPU]` prints `rate N` (messages per second) and exits.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import signal
 import sys
@@ -131,14 +132,20 @@ PAYLOAD = bytes(range(100)) + b"relay-sized message"  # about an encoded reading
 BATCH = 100
 
 
-async def publish_mqtt(port: int, count: int) -> float:
+async def publish_mqtt(port: int, count: int, *, quick_acks: bool = False) -> float:
+    """aiomqtt as it comes, or with the gateway's quick ACKs (its MQTT sink's one change)."""
     import logging
 
     import aiomqtt
 
+    from gateway.relay.sinks.mqtt import acknowledge_promptly
+
     # aiomqtt warns about every publish beyond 10 pending; printing those would be the cost.
     logging.getLogger("mqtt").setLevel(logging.ERROR)
-    async with aiomqtt.Client("127.0.0.1", port) as client:
+    client = aiomqtt.Client("127.0.0.1", port)
+    if quick_acks:
+        acknowledge_promptly(client._client)
+    async with client:
         loop = asyncio.get_running_loop()
         started = loop.time()
         for first in range(0, count, BATCH):
@@ -191,9 +198,14 @@ async def main(kind: str, port: int) -> None:
 
 
 if __name__ == "__main__":
-    if sys.argv[1] in ("mqtt-publish", "jetstream-publish"):
+    publishers = {
+        "mqtt-publish": publish_mqtt,
+        "mqtt-publish-quick-acks": functools.partial(publish_mqtt, quick_acks=True),
+        "jetstream-publish": publish_jetstream,
+    }
+    if sys.argv[1] in publishers:
         pin(int(sys.argv[4]) if len(sys.argv) > 4 else None)
-        publish = publish_mqtt if sys.argv[1] == "mqtt-publish" else publish_jetstream
+        publish = publishers[sys.argv[1]]
         print(f"rate {asyncio.run(publish(int(sys.argv[2]), int(sys.argv[3]))):.1f}", flush=True)
     else:
         pin(int(sys.argv[3]) if len(sys.argv) > 3 else None)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -15,7 +17,7 @@ from gateway.errors import TransientSinkError
 from gateway.relay.config import SinkConfig
 from gateway.relay.envelope import Encoding, decode
 from gateway.relay.sinks.base import publish_batch
-from gateway.relay.sinks.mqtt import MqttSink
+from gateway.relay.sinks.mqtt import TCP_QUICKACK, MqttSink
 from tests.relay.messages import deliveries
 from tests.support.brokers import Mosquitto, free_port
 
@@ -112,3 +114,33 @@ async def test_unreachable_port_is_transient() -> None:
         (result,) = await publish_batch(sink, deliveries(1))
     assert isinstance(result, TransientSinkError)
     assert "cannot connect" in str(result) and result.sink == "mqtt"
+
+
+class RecordingSocket(socket.socket):
+    """The sink's own TCP connection (a duplicate descriptor), noting the options set."""
+
+    def __init__(self, real: socket.socket) -> None:
+        super().__init__(real.family, real.type, fileno=os.dup(real.fileno()))
+        self.options: list[tuple[int, int, int]] = []
+
+    def setsockopt(self, level: int, option: int, value: Any, *rest: Any) -> None:
+        self.options.append((level, option, value))
+        super().setsockopt(level, option, value, *rest)
+
+
+@pytest.mark.skipif(TCP_QUICKACK is None, reason="TCP_QUICKACK is Linux only")
+async def test_reads_from_the_broker_are_acknowledged_at_once(mosquitto: Mosquitto) -> None:
+    # mosquitto Nagles its PUBACKs by default; a client that delays its ACKs then waits up
+    # to 40 ms for each batch (docs/performance.md, figure 6).
+    async with MqttSink(sink_config(mosquitto.url)) as sink:
+        assert await publish_batch(sink, deliveries(1)) == [None]
+        paho = sink._client._client  # type: ignore[union-attr]
+        recording = RecordingSocket(paho.socket())
+        paho.socket = lambda: recording
+        try:
+            assert await publish_batch(sink, deliveries(100)) == [None] * 100
+        finally:
+            recording.close()
+    quick = [o for o in recording.options if o == (socket.IPPROTO_TCP, TCP_QUICKACK, 1)]
+    assert quick, "no TCP_QUICKACK after reading the PUBACKs"
+    assert len(quick) == len(recording.options)
