@@ -173,6 +173,11 @@ def _pinned() -> None:
         os.sched_setaffinity(0, {SERVER_CPU})
 
 
+def _on_loadgen_cpu() -> None:
+    if LOADGEN_CPU is not None:
+        os.sched_setaffinity(0, {LOADGEN_CPU})
+
+
 def spawn(argv: Sequence[str], log: Path, *, pinned: bool = True) -> subprocess.Popen[bytes]:
     """Start a process (on the server CPU when `pinned`), its output going to `log`."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -575,6 +580,11 @@ async def main() -> int:
     with tempfile.TemporaryDirectory(prefix="gateway-bench-") as tmp:
         workdir = Path(tmp)
 
+        # --- 0. which load generator ------------------------------------------------------
+        if wanted("0"):
+            print("0. load generators: the device simulator against the raw generator", flush=True)
+            await compare_generators(workdir, report)
+
         # --- baselines -------------------------------------------------------------------
         if wanted("1", "2", "3"):
             print("baselines: minimal UDP responder, bare aiocoap Site server", flush=True)
@@ -674,7 +684,7 @@ async def main() -> int:
                     backlog = outbox_depth(server.db)
                     report.add(
                         "1",
-                        "readings/s acknowledged, relay falling behind",
+                        "readings/s acknowledged, closed loop, relay",
                         full.rate,
                         "readings/s",
                         "bare aiocoap Site",
@@ -682,7 +692,7 @@ async def main() -> int:
                     )
                     report.add(
                         "1",
-                        "readings/s acknowledged, relay falling behind",
+                        "readings/s acknowledged, closed loop, relay",
                         full.rate,
                         "readings/s",
                         "minimal UDP responder",
@@ -1027,6 +1037,64 @@ async def main() -> int:
         return 1
     print("ok: every reading acknowledged with 2.04 is stored")
     return 0
+
+
+async def compare_generators(workdir: Path, report: Report) -> None:
+    """Figure 0: can the device simulator load the gateway, or does it take the raw generator?
+
+    Both drive `device-sim sink` (a server that answers registrations and readings and
+    stores nothing), on the server CPU, from 200 devices on the load generator's CPU: the
+    simulator as `device-sim run` with street lights reporting every millisecond (each
+    device then posts its next reading as soon as the last is answered), the raw generator
+    in its closed loop. What matters is each one's CPU per request: one core's worth of it
+    is the most load it can offer.
+    """
+    port = free_port()
+    argv = [sys.executable, "-m", "device_sim", "sink", "--port", str(port)]
+    async with running("device-sim sink", argv, port, workdir / "sim-sink.log"):
+        devices = device_names(DEVICES, prefix="gen-")
+        async with LoadGenerator(("127.0.0.1", port), sockets=DEVICES) as gen:
+            await gen.run(Registrations(devices), window=WINDOW)
+            cpu = time.process_time()
+            raw = await gen.run(CborReadings(devices), duration=DURATION, window=WINDOW)
+            raw_cpu = (time.process_time() - cpu) / max(1, raw.sent)
+        show("raw load generator", raw)
+        simulate = [sys.executable, "-m", "device_sim", "run"]
+        simulate += ["--gateway", f"coap://127.0.0.1:{port}", "--lights", str(DEVICES)]
+        simulate += ["--fridges", "0", "--trackers", "0", "--light-interval", "0.001"]
+        simulate += ["--duration", str(DURATION), "--drain", "2", "--json", "--no-progress"]
+        done = await asyncio.to_thread(
+            subprocess.run,
+            simulate,
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=120 + DURATION,
+            preexec_fn=_on_loadgen_cpu,
+        )
+    if done.returncode != 0:
+        report.note(f"0: device-sim run failed ({done.returncode}): {done.stderr[-300:]}")
+        return
+    summary = json.loads(done.stdout)
+    sim_cpu = summary["cpu_s"] / max(1, summary["acknowledged"])
+    print(
+        f"    device simulator           {summary['readings_per_s']:>8.0f} readings/s"
+        f"  p50 {summary['latency_p50_ms']:6.2f} ms  p99 {summary['latency_p99_ms']:6.2f} ms"
+        f"  CPU {summary['cpu_s']:.1f} s over {summary['elapsed_s']:.1f} s",
+        flush=True,
+    )
+    report.add(
+        "0", "readings/s, device simulator", summary["readings_per_s"], "readings/s",
+        "raw load generator", raw.rate,
+    )  # fmt: skip
+    report.add(
+        "0", "generator CPU per request, simulator", sim_cpu * 1e6, "us",
+        "raw load generator", raw_cpu * 1e6,
+    )  # fmt: skip
+    report.add(
+        "0", "requests/s one core can offer, simulator", 1 / sim_cpu, "req/s",
+        "raw load generator", 1 / raw_cpu,
+    )  # fmt: skip
 
 
 def raw_publish_rate(mode: str, port: int) -> float:
