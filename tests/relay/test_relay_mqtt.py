@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -106,6 +107,28 @@ async def test_broker_going_away_is_transient_and_recovered(mosquitto: Mosquitto
         assert time.monotonic() - started < 3  # bounded by the timeout, never a hang
         mosquitto.start()
         assert await publish_batch(sink, deliveries(3)) == [None] * 3
+
+
+async def test_broker_that_stops_answering_is_transient_within_the_timeout(
+    mosquitto: Mosquitto,
+) -> None:
+    # The connection stays open but no PUBACK comes (a stalled broker): the batch's one
+    # deadline turns every unconfirmed delivery transient, and the next batch reconnects.
+    async with MqttSink(sink_config(mosquitto.url, timeout=1.0)) as sink:
+        assert await publish_batch(sink, deliveries(1)) == [None]
+        assert mosquitto.process is not None
+        mosquitto.process.send_signal(signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            results = await publish_batch(sink, deliveries(5))
+            waited = time.monotonic() - started
+        finally:
+            mosquitto.process.send_signal(signal.SIGCONT)
+        assert all(isinstance(r, TransientSinkError) for r in results)
+        assert "no PUBACK within 1.0 s" in str(results[0])
+        assert waited < 3  # bounded by the timeout, never a hang
+        assert not sink.connected
+        assert await publish_batch(sink, deliveries(2)) == [None] * 2
 
 
 async def test_unreachable_port_is_transient() -> None:

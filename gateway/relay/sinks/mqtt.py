@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import socket
 import ssl
 from collections.abc import Sequence
@@ -155,7 +156,9 @@ class MqttSink(SinkBase):
                 qos=self._config.qos,
                 retain=self._config.retain,
                 properties=self._properties(delivery),
-                timeout=self._config.timeout,
+                # The batch has one deadline (`publish`); aiomqtt's own per-call timeout
+                # costs a task and a timer for every message.
+                timeout=math.inf,
             )
         except ValueError as exc:  # paho refuses the message itself (size, topic)
             raise self.permanent(f"broker cannot take {delivery.message_id}: {exc}") from exc
@@ -168,17 +171,28 @@ class MqttSink(SinkBase):
         # aiomqtt logs a warning for every publish beyond 10 pending, one per message, and
         # rendering those cost more CPU than the publishing (measured with bench/).
         client.pending_calls_threshold = max(client.pending_calls_threshold, len(batch) + 1)
-        outcomes = await asyncio.gather(
-            *(self._publish_one(client, d) for d in batch), return_exceptions=True
-        )
+        outcomes: list[Result | BaseException | None] = [None] * len(batch)
+        confirmed = [False] * len(batch)
+
+        async def deliver(index: int, delivery: Delivery) -> None:
+            try:
+                await self._publish_one(client, delivery)
+            except Exception as exc:  # kept per delivery, as gather(return_exceptions=True)
+                outcomes[index] = exc
+            confirmed[index] = True
+
+        timeout = self._config.timeout
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await asyncio.gather(*(deliver(i, d) for i, d in enumerate(batch)))
         results: list[Result] = []
-        for outcome in outcomes:
-            if isinstance(outcome, SinkError):
+        for delivery, outcome, done in zip(batch, outcomes, confirmed, strict=True):
+            if not done:
+                results.append(self.transient(f"no PUBACK within {timeout} s", delivery))
+            elif isinstance(outcome, SinkError) or outcome is None:
                 results.append(outcome)
-            elif isinstance(outcome, BaseException):
-                raise outcome
             else:
-                results.append(None)
+                raise outcome
         if any(isinstance(r, TransientSinkError) for r in results):
             # Lost PUBACKs mean a broken connection; start afresh next time.
             await self._disconnect()
