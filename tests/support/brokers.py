@@ -8,12 +8,15 @@ brings it back on the same port, so a test can take a downstream away and return
 from __future__ import annotations
 
 import contextlib
+import getpass
 import socket
 import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Self
+from typing import Any, Self
+
+from tests.support.tls import Certificates
 
 MOSQUITTO = "/usr/sbin/mosquitto"
 NATS_SERVER = "/usr/sbin/nats-server"
@@ -41,9 +44,20 @@ class Broker:
 
     banner: bytes | None = None
 
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        port: int | None = None,
+        *,
+        tls: Certificates | None = None,
+        verify_clients: bool = False,
+    ) -> None:
         self.workdir = workdir
         self.port = port or free_port()
+        #: Serve TLS with these certificates; with `verify_clients`, only to clients that
+        #: present a certificate of the same authority.
+        self.tls = tls
+        self.verify_clients = verify_clients
         self.process: subprocess.Popen[bytes] | None = None
         self.log_path = workdir / "broker.log"
 
@@ -52,11 +66,11 @@ class Broker:
 
     @classmethod
     @contextlib.contextmanager
-    def running_in(cls, parent: Path, name: str) -> Iterator[Self]:
+    def running_in(cls, parent: Path, name: str, **options: Any) -> Iterator[Self]:
         """A started broker in its own folder under `parent`, always stopped afterwards."""
         workdir = parent / name
         workdir.mkdir()
-        broker = cls(workdir)
+        broker = cls(workdir, **options)
         broker.start()
         try:
             yield broker
@@ -95,17 +109,28 @@ class Broker:
 class Mosquitto(Broker):
     def command(self) -> list[str]:
         config = self.workdir / "mosquitto.conf"
-        config.write_text(
-            f"listener {self.port} 127.0.0.1\n"
-            "allow_anonymous true\n"
-            "persistence false\n"
-            "log_dest stdout\n"
-        )
+        lines = [
+            f"listener {self.port} 127.0.0.1",
+            "allow_anonymous true",
+            "persistence false",
+            "log_dest stdout",
+        ]
+        if self.tls is not None:
+            lines += [
+                # Run as root, mosquitto would switch to its own user, which may not read
+                # the test's (private) temporary folder.
+                f"user {getpass.getuser()}",
+                f"cafile {self.tls.ca}",
+                f"certfile {self.tls.server_cert}",
+                f"keyfile {self.tls.server_key}",
+                f"require_certificate {'true' if self.verify_clients else 'false'}",
+            ]
+        config.write_text("\n".join(lines) + "\n")
         return [MOSQUITTO, "-c", str(config)]
 
     @property
     def url(self) -> str:
-        return f"mqtt://127.0.0.1:{self.port}"
+        return f"{'mqtts' if self.tls else 'mqtt'}://127.0.0.1:{self.port}"
 
 
 class NatsServer(Broker):
@@ -114,8 +139,14 @@ class NatsServer(Broker):
     def command(self) -> list[str]:
         store = self.workdir / "jetstream"
         store.mkdir(exist_ok=True)
-        return [NATS_SERVER, "-js", "-a", "127.0.0.1", "-p", str(self.port), "-sd", str(store)]
+        argv = [NATS_SERVER, "-js", "-a", "127.0.0.1", "-p", str(self.port), "-sd", str(store)]
+        if self.tls is not None:
+            argv += ["--tls", "--tlscert", str(self.tls.server_cert)]
+            argv += ["--tlskey", str(self.tls.server_key)]
+            if self.verify_clients:
+                argv += ["--tlsverify", "--tlscacert", str(self.tls.ca)]
+        return argv
 
     @property
     def url(self) -> str:
-        return f"nats://127.0.0.1:{self.port}"
+        return f"{'tls' if self.tls else 'nats'}://127.0.0.1:{self.port}"

@@ -70,10 +70,27 @@ def acknowledge_promptly(client: mqtt.Client) -> None:
     client.loop_read = loop_read  # type: ignore[method-assign]
 
 
+class ClosingSSLSocket(ssl.SSLSocket):
+    """An SSL socket that closes itself when its handshake fails.
+
+    paho wraps the TCP socket and calls `do_handshake`; when that raises (a broker the
+    sink cannot verify, a refused client certificate) it drops the socket without closing
+    it, so every retry left one for the garbage collector to close.
+    """
+
+    def do_handshake(self, block: bool = False) -> None:
+        try:
+            super().do_handshake(block)
+        except BaseException:
+            self.close()
+            raise
+
+
 def tls_context(config: SinkConfig) -> ssl.SSLContext:
     context = ssl.create_default_context(cafile=config.ca_file)
     if config.cert_file:
         context.load_cert_chain(config.cert_file, config.key_file)
+    context.sslsocket_class = ClosingSSLSocket
     return context
 
 
