@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -151,19 +152,26 @@ class RecordingSocket(socket.socket):
         super().setsockopt(level, option, value, *rest)
 
 
+@contextlib.contextmanager
+def recording_socket(sink: MqttSink) -> Iterator[RecordingSocket]:
+    """The options the connected sink sets on its socket while the block runs."""
+    paho = sink._client._client  # type: ignore[union-attr]
+    recording = RecordingSocket(paho.socket())
+    paho.socket = lambda: recording
+    try:
+        yield recording
+    finally:
+        recording.close()
+
+
 @pytest.mark.skipif(TCP_QUICKACK is None, reason="TCP_QUICKACK is Linux only")
 async def test_reads_from_the_broker_are_acknowledged_at_once(mosquitto: Mosquitto) -> None:
     # mosquitto Nagles its PUBACKs by default; a client that delays its ACKs then waits up
     # to 40 ms for each batch (docs/performance.md, figure 6).
     async with MqttSink(sink_config(mosquitto.url)) as sink:
         assert await publish_batch(sink, deliveries(1)) == [None]
-        paho = sink._client._client  # type: ignore[union-attr]
-        recording = RecordingSocket(paho.socket())
-        paho.socket = lambda: recording
-        try:
+        with recording_socket(sink) as recording:
             assert await publish_batch(sink, deliveries(100)) == [None] * 100
-        finally:
-            recording.close()
     quick = [o for o in recording.options if o == (socket.IPPROTO_TCP, TCP_QUICKACK, 1)]
     assert quick, "no TCP_QUICKACK after reading the PUBACKs"
     assert len(quick) == len(recording.options)

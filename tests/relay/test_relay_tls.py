@@ -18,7 +18,7 @@ from gateway.relay.sinks.base import publish_batch
 from gateway.relay.sinks.mqtt import TCP_QUICKACK, MqttSink
 from gateway.relay.sinks.nats import NatsSink
 from tests.relay.messages import deliveries
-from tests.relay.test_relay_mqtt import RecordingSocket, receive
+from tests.relay.test_relay_mqtt import receive, recording_socket
 from tests.support.brokers import Mosquitto, NatsServer
 from tests.support.tls import Certificates
 
@@ -45,16 +45,12 @@ async def test_mqtt_over_tls_verifies_the_broker_and_delivers(
     context = ssl.create_default_context(cafile=str(certificates.ca))
     async with aiomqtt.Client("127.0.0.1", mosquitto_tls.port, tls_context=context) as subscriber:
         await subscriber.subscribe("coap-gw/#", qos=1)
-        async with MqttSink(mqtt_config(mosquitto_tls.url, ca_file=str(certificates.ca))) as sink:
+        config = mqtt_config(mosquitto_tls.url, **certificates.sink_options(client=False))
+        async with MqttSink(config) as sink:
             assert await publish_batch(sink, deliveries(1)) == [None]
-            paho = sink._client._client  # type: ignore[union-attr]
-            assert isinstance(paho.socket(), ssl.SSLSocket)
-            recording = RecordingSocket(paho.socket())
-            paho.socket = lambda: recording
-            try:
+            assert isinstance(sink._client._client.socket(), ssl.SSLSocket)  # type: ignore[union-attr]
+            with recording_socket(sink) as recording:
                 assert await publish_batch(sink, deliveries(20)) == [None] * 20
-            finally:
-                recording.close()
         assert len(await receive(subscriber, 21)) == 21
     if TCP_QUICKACK is not None:  # the quick ACKs hold over TLS too
         assert recording.options
@@ -77,17 +73,11 @@ async def test_mqtt_client_certificate_when_the_broker_asks_for_one(
     with Mosquitto.running_in(
         tmp_path, "mosquitto-mtls", tls=certificates, verify_clients=True
     ) as broker:
-        without = mqtt_config(broker.url, ca_file=str(certificates.ca))
+        without = mqtt_config(broker.url, **certificates.sink_options(client=False))
         async with MqttSink(without) as sink:
             (refused,) = await publish_batch(sink, deliveries(1))
         assert isinstance(refused, TransientSinkError)
-        with_cert = mqtt_config(
-            broker.url,
-            ca_file=str(certificates.ca),
-            cert_file=str(certificates.client_cert),
-            key_file=str(certificates.client_key),
-        )
-        async with MqttSink(with_cert) as sink:
+        async with MqttSink(mqtt_config(broker.url, **certificates.sink_options())) as sink:
             assert await publish_batch(sink, deliveries(3)) == [None] * 3
 
 
@@ -104,17 +94,9 @@ async def test_jetstream_over_tls_with_a_client_certificate(
         tmp_path, "nats-tls", tls=certificates, verify_clients=True
     ) as server:
         assert server.url.startswith("tls://")
-        config = nats_config(
-            server.url,
-            ca_file=str(certificates.ca),
-            cert_file=str(certificates.client_cert),
-            key_file=str(certificates.client_key),
-        )
-        async with NatsSink(config) as sink:
+        async with NatsSink(nats_config(server.url, **certificates.sink_options())) as sink:
             assert await publish_batch(sink, deliveries(3)) == [None] * 3
-        context = ssl.create_default_context(cafile=str(certificates.ca))
-        context.load_cert_chain(str(certificates.client_cert), str(certificates.client_key))
-        observer = await nats.connect(server.url, tls=context)
+        observer = await nats.connect(server.url, tls=certificates.client_context())
         try:
             info = await observer.jetstream().stream_info("READINGS")
             assert info.state.messages == 3

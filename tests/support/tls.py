@@ -3,6 +3,7 @@ a client certificate, written as PEM files (trustme makes them)."""
 
 from __future__ import annotations
 
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,3 +39,16 @@ class Certificates:
         for blob in client.cert_chain_pems:
             blob.write_to_path(str(files.client_cert), append=True)
         return files
+
+    def sink_options(self, *, client: bool = True) -> dict[str, str]:
+        """A sink's TLS settings: trust this CA and, with `client`, present its client cert."""
+        options = {"ca_file": str(self.ca)}
+        if client:
+            options |= {"cert_file": str(self.client_cert), "key_file": str(self.client_key)}
+        return options
+
+    def client_context(self) -> ssl.SSLContext:
+        """For a test's own clients: trusts this CA and presents the client certificate."""
+        context = ssl.create_default_context(cafile=str(self.ca))
+        context.load_cert_chain(str(self.client_cert), str(self.client_key))
+        return context
