@@ -189,21 +189,21 @@ class MqttSink(SinkBase):
         # rendering those cost more CPU than the publishing (measured with bench/).
         client.pending_calls_threshold = max(client.pending_calls_threshold, len(batch) + 1)
         outcomes: list[Result | BaseException | None] = [None] * len(batch)
-        confirmed = [False] * len(batch)
+        finished = [False] * len(batch)
 
         async def deliver(index: int, delivery: Delivery) -> None:
             try:
                 await self._publish_one(client, delivery)
             except Exception as exc:  # kept per delivery, as gather(return_exceptions=True)
                 outcomes[index] = exc
-            confirmed[index] = True
+            finished[index] = True
 
         timeout = self._config.timeout
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
                 await asyncio.gather(*(deliver(i, d) for i, d in enumerate(batch)))
         results: list[Result] = []
-        for delivery, outcome, done in zip(batch, outcomes, confirmed, strict=True):
+        for delivery, outcome, done in zip(batch, outcomes, finished, strict=True):
             if not done:
                 results.append(self.transient(f"no PUBACK within {timeout} s", delivery))
             elif isinstance(outcome, SinkError) or outcome is None:
