@@ -90,6 +90,9 @@ async def test_every_acknowledged_reading_arrives_after_a_broker_outage(
                 task.cancel()
             await asyncio.gather(*posting, return_exceptions=True)
         acked = {(d.name, seq) for d in devices for seq in d.acked}
+        # Readings the devices sent: a request cancelled with the posting tasks (or given up
+        # on) may still have been stored, and is then relayed like any other.
+        sent = {(d.name, seq) for d in devices for seq in range(1, d.seq + 1)}
         assert all(d.refused == 0 for d in devices)
 
         def mqtt_seen() -> set[tuple[str, int]]:
@@ -115,4 +118,4 @@ async def test_every_acknowledged_reading_arrives_after_a_broker_outage(
     ids = [(m.headers or {}).get(MSG_ID_HEADER) for m in messages]
     assert len(ids) == len(set(ids)), "JetStream stored a message twice"
     stored = {(d.device, d.extra["seq"]) for d in (decode(m.data, Encoding.JSON) for m in messages)}
-    assert stored == acked
+    assert acked <= stored <= sent
