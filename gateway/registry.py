@@ -123,10 +123,10 @@ class Registry:
             registration_id,
             updated_at,
         ) in current.items():
-            device = Device(device_id, name, device_type)
             known = self._registrations.get(name)
             if known == (registration_id, updated_at):
                 continue
+            device = Device(device_id, name, device_type)
             kind = "registered" if known is None or known[0] != registration_id else "updated"
             self._remember(device)
             self._registrations[name] = (registration_id, updated_at)

@@ -307,16 +307,12 @@ def _from_senml(document: Any, *, cbor_labels: bool, now: float) -> list[Measure
             ):
                 raise ValidationError("SenML bver must be an integer", field="bver")
             if LABEL_BN in record:
-                base_name = record[LABEL_BN]
-                if not isinstance(base_name, str):
-                    raise ValidationError("SenML bn must be a string", field="bn")
+                base_name = senml_string("bn", record[LABEL_BN])
                 base_names_device = base_name.endswith((":", "/"))
             if LABEL_BT in record:
                 base_time = _check_time("bt", record[LABEL_BT])
             if LABEL_BU in record:
-                base_unit = record[LABEL_BU]
-                if not isinstance(base_unit, str):
-                    raise ValidationError("SenML bu must be a string", field="bu")
+                base_unit = senml_string("bu", record[LABEL_BU])
             if LABEL_BV in record:
                 base_value = _check_time("bv", record[LABEL_BV])
         value_labels = VALUE_LABELS.intersection(record)
@@ -331,8 +327,8 @@ def _from_senml(document: Any, *, cbor_labels: bool, now: float) -> list[Measure
         else:
             raise ValidationError("SenML record has more than one value")
         name_part = record.get(LABEL_N, "")
-        if name_part.__class__ is not str and not isinstance(name_part, str):
-            raise ValidationError("SenML n must be a string", field="n")
+        if name_part.__class__ is not str:
+            name_part = senml_string("n", name_part)
         name = name_part if base_names_device and name_part else base_name + name_part
         if not name:
             raise ValidationError("SenML record has no name")
@@ -353,8 +349,7 @@ def _from_senml(document: Any, *, cbor_labels: bool, now: float) -> list[Measure
             offset = _check_time("t", offset)
         resolved = base_time + offset
         if resolved >= SENML_RELATIVE_TIME_LIMIT:
-            # The key is `idempotency_key(name, seq=None, time=resolved)`, written out.
-            key = f"t{resolved!r}/{name}"
+            key = idempotency_key(name, seq=None, time=resolved)
             measurements.append(Measurement(name, value, unit, resolved, None, key))
         else:
             # Relative times (and no time at all) mean "about now": no stable idempotency key.
@@ -384,12 +379,23 @@ def _json_record(record: Any) -> dict[int, Any]:
     for label, value in record.items():
         number = SENML_JSON_LABELS.get(label)
         if number is None:
-            # RFC 8428 §4.4: labels ending in "_" must be understood; others may be ignored.
-            if isinstance(label, str) and label.endswith("_"):
-                raise ValidationError(f"SenML: unsupported mandatory label {label!r:.20}")
+            skip_unknown_label(label)
             continue
         labelled[number] = value
     return labelled
+
+
+def skip_unknown_label(label: Any) -> None:
+    """RFC 8428 §4.4: labels ending in "_" must be understood; others may be ignored."""
+    if isinstance(label, str) and label.endswith("_"):
+        raise ValidationError(f"SenML: unsupported mandatory label {label!r:.20}")
+
+
+def senml_string(label: str, value: Any) -> str:
+    """A SenML field that must be a string (bn, bu, n)."""
+    if not isinstance(value, str):
+        raise ValidationError(f"SenML {label} must be a string", field=label)
+    return value
 
 
 def _senml_value(name: str, label: int, value: Any, base_value: float) -> Value:

@@ -121,7 +121,7 @@ class Relay:
 
     def tasks(self) -> list[tuple[str, Coroutine[Any, Any, None]]]:
         if not self.sinks:
-            return [("relay.depths", self._depths_loop())] if self.stats else []
+            return [("relay.depths", self._status_loop())] if self.stats else []
         named = [(f"relay[{name}].worker", worker.run()) for name, worker in self.workers.items()]
         named.append(("relay.status", self._status_loop()))
         return named
@@ -257,19 +257,14 @@ class Relay:
         names = list(self.sinks)
         await self._writer.transaction(lambda c: store.write_status(c, figures, keep=names))
 
-    async def _depths_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self._config.status_interval)
-            try:
-                await self.resync()
-            except sqlite3.Error as exc:
-                log.warning("relay.status_failed", error=str(exc))
-
     async def _status_loop(self) -> None:
+        """The depths read again from the database, and with sinks of its own (worker 0)
+        the live figures written, every status interval."""
         while True:
             try:
                 await self.resync()
-                await self.flush_status()
+                if self.sinks:
+                    await self.flush_status()
             except (GatewayError, sqlite3.Error) as exc:
                 log.warning("relay.status_failed", error=str(exc))
             await asyncio.sleep(self._config.status_interval)

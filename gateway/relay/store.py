@@ -20,6 +20,7 @@ from gateway.core.model import value_from_row
 from gateway.core.outbox import BatchPlan, BatchPlanner, DeliveryState, OutboxRow, Settlement
 from gateway.relay.config import RouteConfig
 from gateway.relay.envelope import Encoding, RelayMessage, reading_message
+from gateway.store.queries import READING_SELECT
 
 #: SQLite's limit on bound parameters is far higher; this keeps statements small.
 CHUNK = 500
@@ -175,11 +176,7 @@ def load_messages(
     found: dict[int, RelayMessage] = {}
     for part in _chunks([e.ref_id for e in readings]):
         for row in conn.execute(
-            "SELECT r.id, d.name, d.type, r.measurement, r.value, r.kind, r.unit,"
-            " r.device_time, r.received_at, r.seq"
-            f" FROM readings r JOIN devices d ON d.id = r.device_id WHERE r.id IN"
-            f" ({_marks(len(part))})",
-            part,
+            f"{READING_SELECT} WHERE r.id IN ({_marks(len(part))})", part
         ).fetchall():
             found[row[0]] = reading_message(
                 reading_id=row[0],

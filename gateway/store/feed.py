@@ -23,8 +23,8 @@ import structlog
 
 from gateway.registry import Registry
 from gateway.store.writer import (
-    READING_COLUMNS,
     SELECT_LAST_READING_ID,
+    SELECT_NEW_READINGS,
     CommitListener,
     stored_readings,
 )
@@ -34,7 +34,7 @@ log = structlog.get_logger(__name__)
 #: Most readings handed on per look; the rest are read at the next one, at once.
 FEED_BATCH = 5_000
 
-SELECT_FOREIGN_READINGS = f"SELECT {READING_COLUMNS} FROM readings WHERE id > ? ORDER BY id LIMIT ?"
+SELECT_FOREIGN_READINGS = f"{SELECT_NEW_READINGS} LIMIT ?"
 
 
 class OwnIds:

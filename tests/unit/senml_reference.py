@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
-# RFC 8428's tables and the value checks are the production ones: what is kept here is the
-# old way through a pack.
+# RFC 8428's tables, the value and field checks and the idempotency key are the
+# production ones: what is kept here is the old way through a pack.
 from gateway.core.readings import (
     SENML_CBOR_LABELS,
     SENML_JSON_LABELS,
@@ -20,6 +20,9 @@ from gateway.core.readings import (
     Value,
     _check_time,
     _type_name,
+    idempotency_key,
+    senml_string,
+    skip_unknown_label,
 )
 from gateway.core.readings import _senml_value as senml_value
 from gateway.errors import ValidationError
@@ -44,9 +47,7 @@ def _senml_records(document: Any, *, cbor_labels: bool) -> Iterable[dict[str, An
             else:
                 name = label if label in SENML_JSON_LABELS else None
             if name is None:
-                # RFC 8428 §4.4: labels ending in "_" must be understood; others may be ignored.
-                if isinstance(label, str) and label.endswith("_"):
-                    raise ValidationError(f"SenML: unsupported mandatory label {label!r:.20}")
+                skip_unknown_label(label)
                 continue
             named[name] = value
         yield named
@@ -64,15 +65,11 @@ def _from_senml(document: Any, *, cbor_labels: bool, now: float) -> Iterator[Mea
         ):
             raise ValidationError("SenML bver must be an integer", field="bver")
         if "bn" in record:
-            if not isinstance(record["bn"], str):
-                raise ValidationError("SenML bn must be a string", field="bn")
-            base_name = record["bn"]
+            base_name = senml_string("bn", record["bn"])
         if "bt" in record:
             base_time = _check_time("bt", record["bt"])
         if "bu" in record:
-            if not isinstance(record["bu"], str):
-                raise ValidationError("SenML bu must be a string", field="bu")
-            base_unit = record["bu"]
+            base_unit = senml_string("bu", record["bu"])
         if "bv" in record:
             base_value = _check_time("bv", record["bv"])
         value_labels = [label for label in ("v", "vs", "vb", "vd", "s") if label in record]
@@ -82,9 +79,7 @@ def _from_senml(document: Any, *, cbor_labels: bool, now: float) -> Iterator[Mea
             continue  # a record that only sets base fields
         if len(value_labels) > 1 and value_labels != ["v", "s"]:
             raise ValidationError("SenML record has more than one value")
-        name_part = record.get("n", "")
-        if not isinstance(name_part, str):
-            raise ValidationError("SenML n must be a string", field="n")
+        name_part = senml_string("n", record.get("n", ""))
         # A base name ending in ":" or "/" (e.g. "urn:dev:ow:10e2073a01080063:", or the
         # device's own name) identifies the device, which the URI path already does; the
         # measurement keeps its own name. Any other base name is a plain prefix.
@@ -114,11 +109,3 @@ def _from_senml(document: Any, *, cbor_labels: bool, now: float) -> Iterator[Mea
 
 def _senml_value(name: str, record: Mapping[str, Any], label: str, base_value: float) -> Value:
     return senml_value(name, SENML_JSON_LABELS[label], record[label], base_value)
-
-
-def idempotency_key(name: str, *, seq: int | None, time: float | None) -> str | None:
-    if seq is not None:
-        return f"s{seq}/{name}"
-    if time is not None:
-        return f"t{time!r}/{name}"
-    return None
