@@ -14,10 +14,11 @@
 - `minimal`: an asyncio UDP responder answering every CON with a piggybacked, empty 2.04
   ACK: the ceiling for Python on this machine.
 
-- `mqtt-publish` / `jetstream-publish`: not servers but clients: publish COUNT messages of
-  the relay's size with the client library the relay uses (aiomqtt at QoS 1, nats-py to
-  JetStream), 100 in flight at a time as the relay's batches are, and print the rate: the
-  ceiling for draining an outbox.
+- `mqtt-publish` / `mqtt-link-publish` / `jetstream-publish`: not servers but clients:
+  publish COUNT messages of the relay's size, 100 in flight at a time as the relay's batches
+  are, and print the rate: the ceiling for draining an outbox. MQTT at QoS 1 with stock
+  aiomqtt (the usual asyncio client) and with the MQTT sink's own connection alone
+  (`MqttLink`: paho on the event loop, quick ACKs); JetStream with nats-py, as the sink.
 
 `python bench/baselines.py KIND PORT [CPU]` serves until SIGTERM, pinned to CPU when given.
 It prints `ready` on stdout once it listens. `python bench/baselines.py mqtt-publish PORT
@@ -27,7 +28,6 @@ COUNT [CPU]` prints `rate N` (messages per second) and exits.
 from __future__ import annotations
 
 import asyncio
-import functools
 import os
 import signal
 import sys
@@ -132,20 +132,15 @@ PAYLOAD = bytes(range(100)) + b"relay-sized message"  # about an encoded reading
 BATCH = 100
 
 
-async def publish_mqtt(port: int, count: int, *, quick_acks: bool = False) -> float:
-    """aiomqtt as it comes, or with the gateway's quick ACKs (its MQTT sink's one change)."""
+async def publish_mqtt(port: int, count: int) -> float:
+    """Stock aiomqtt."""
     import logging
 
     import aiomqtt
 
-    from gateway.relay.sinks.mqtt import acknowledge_promptly
-
     # aiomqtt warns about every publish beyond 10 pending; printing those would be the cost.
     logging.getLogger("mqtt").setLevel(logging.ERROR)
-    client = aiomqtt.Client("127.0.0.1", port)
-    if quick_acks:
-        acknowledge_promptly(client._client)
-    async with client:
+    async with aiomqtt.Client("127.0.0.1", port) as client:
         loop = asyncio.get_running_loop()
         started = loop.time()
         for first in range(0, count, BATCH):
@@ -156,6 +151,41 @@ async def publish_mqtt(port: int, count: int, *, quick_acks: bool = False) -> fl
                 )
             )
         return count / (loop.time() - started)
+
+
+async def publish_mqtt_link(port: int, count: int) -> float:
+    """The MQTT sink's connection alone: no outbox, no envelopes, no topic templates."""
+    from gateway.relay.sinks.mqtt_link import MqttLink
+
+    link = MqttLink("127.0.0.1", port, max_in_flight=BATCH)
+    await link.connect(10.0)
+    loop = asyncio.get_running_loop()
+    try:
+        started = loop.time()
+        for first in range(0, count, BATCH):
+            size = min(count, first + BATCH) - first
+            left = size
+            done = loop.create_future()
+
+            def acknowledged(reason: Any, done: asyncio.Future[None] = done) -> None:
+                nonlocal left
+                left -= 1
+                if not left:
+                    done.set_result(None)
+
+            for i in range(first, first + size):
+                link.publish(
+                    f"baseline/dev{i % 100}",
+                    PAYLOAD,
+                    qos=1,
+                    retain=False,
+                    properties=None,
+                    acknowledged=acknowledged,
+                )
+            await done
+        return count / (loop.time() - started)
+    finally:
+        await link.aclose()
 
 
 async def publish_jetstream(port: int, count: int) -> float:
@@ -200,7 +230,7 @@ async def main(kind: str, port: int) -> None:
 if __name__ == "__main__":
     publishers = {
         "mqtt-publish": publish_mqtt,
-        "mqtt-publish-quick-acks": functools.partial(publish_mqtt, quick_acks=True),
+        "mqtt-link-publish": publish_mqtt_link,
         "jetstream-publish": publish_jetstream,
     }
     if sys.argv[1] in publishers:

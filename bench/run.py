@@ -965,8 +965,8 @@ async def main() -> int:
                         continue
                     baselines = (
                         {
-                            "aiomqtt publishing alone": "mqtt-publish",
-                            "aiomqtt with quick ACKs, as the sink": "mqtt-publish-quick-acks",
+                            "stock aiomqtt publishing alone": "mqtt-publish",
+                            "the sink's connection publishing alone": "mqtt-link-publish",
                         }
                         if kind == "mqtt"
                         else {"nats-py publishing alone": "jetstream-publish"}
@@ -1100,7 +1100,7 @@ async def compare_generators(workdir: Path, report: Report) -> None:
 def raw_publish_rate(mode: str, port: int) -> float:
     """Messages/s of the plain client library publishing BACKLOG messages, on the server CPU.
 
-    `mode` is one of bench/baselines.py's publishers (mqtt-publish, mqtt-publish-quick-acks,
+    `mode` is one of bench/baselines.py's publishers (mqtt-publish, mqtt-link-publish,
     jetstream-publish).
     """
     argv = [sys.executable, str(REPO / "bench" / "baselines.py"), mode, str(port), str(BACKLOG)]

@@ -159,6 +159,50 @@ async def test_webhook_500s_are_retried_and_a_400_is_a_dead_letter_until_replaye
     assert [m.message_id for m in last] == ["r-2"]
 
 
+async def test_mqtt5_broker_refusing_a_reading_makes_a_dead_letter_until_replayed(
+    make_gateway: Any, tmp_path: Path, coap_client: aiocoap.Context
+) -> None:
+    # The broker's ACL lets the gateway publish fridge-1's readings only. Over MQTT 5 it
+    # says so in the PUBACK; the refused reading must not count as delivered.
+    broker = Mosquitto(tmp_path)
+    broker.acl = "topic read #\ntopic write coap-gw/gw1/fridge/fridge-1/#\n"
+    broker.start()
+    sink = {"type": "mqtt", "url": broker.url, "mqtt_version": "5"}
+    try:
+        async with (
+            collecting(MqttCollector(broker.port)) as collector,
+            make_gateway(sink) as (gateway, url),
+        ):
+            db = gateway.config.store.path
+            stats = gateway.relay.stats["down"]
+            for name in ("fridge-1", "fridge-2"):
+                await register(coap_client, url, name, "fridge")
+                assert (await send_temp(coap_client, url, name, 5.0, 1)).code == Code.CHANGED
+            await wait_until(lambda: stats.sent == 1 and stats.dead == 1)
+            assert collector.ids() == {"r-1"}
+            listed = await asyncio.to_thread(
+                CliRunner().invoke, cli, ["relay", "dead-letters", "list", "--json", "--db", db]
+            )
+            (dead,) = json.loads(listed.output)
+            assert (dead["message_id"], dead["reason"]) == ("r-2", "permanent")
+            assert "Not authorized" in dead["last_error"]
+            # The operator fixes the ACL and replays: the reading arrives after all.
+            collector.subscribed.clear()
+            broker.stop()
+            broker.acl = "topic readwrite #\n"
+            broker.start()
+            async with asyncio.timeout(10):
+                await collector.subscribed.wait()  # a broker without persistence forgot it
+            replay = await asyncio.to_thread(
+                CliRunner().invoke, cli, ["relay", "dead-letters", "replay", "--all", "--db", db]
+            )
+            assert replay.exit_code == 0, replay.output
+            await wait_until(lambda: "r-2" in collector.ids())
+            assert stats.sent == 2
+    finally:
+        broker.stop()
+
+
 async def test_backpressure_refuses_with_5_03_until_the_sink_returns(
     make_gateway: Any, webhook: WebhookServer, coap_client: aiocoap.Context
 ) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 import aiomqtt
 import pytest
 
-from gateway.errors import TransientSinkError
+from gateway.errors import PermanentSinkError, TransientSinkError
 from gateway.relay.config import SinkConfig
 from gateway.relay.envelope import Encoding, decode
 from gateway.relay.sinks.base import publish_batch
@@ -29,12 +29,18 @@ def sink_config(url: str, **kw: object) -> SinkConfig:
     return SinkConfig(name="mqtt", type="mqtt", url=url, **kw)  # type: ignore[arg-type]
 
 
-@pytest.fixture
-async def subscriber(mosquitto: Mosquitto) -> AsyncIterator[aiomqtt.Client]:
+@contextlib.asynccontextmanager
+async def subscribed(mosquitto: Mosquitto, topic: str) -> AsyncIterator[aiomqtt.Client]:
     async with aiomqtt.Client(
         "127.0.0.1", mosquitto.port, protocol=aiomqtt.ProtocolVersion.V5
     ) as client:
-        await client.subscribe("coap-gw/#", qos=1)
+        await client.subscribe(topic, qos=1)
+        yield client
+
+
+@pytest.fixture
+async def subscriber(mosquitto: Mosquitto) -> AsyncIterator[aiomqtt.Client]:
+    async with subscribed(mosquitto, "coap-gw/#") as client:
         yield client
 
 
@@ -132,6 +138,65 @@ async def test_broker_that_stops_answering_is_transient_within_the_timeout(
         assert await publish_batch(sink, deliveries(2)) == [None] * 2
 
 
+#: Anonymous clients may read everything but publish only fridge-1's readings.
+ONLY_FRIDGE_1 = "topic read #\ntopic write coap-gw/gw1/fridge/fridge-1/#\n"
+
+
+@pytest.fixture
+def mosquitto_acl(tmp_path: Path) -> Iterator[Mosquitto]:
+    broker = Mosquitto(tmp_path)
+    broker.acl = ONLY_FRIDGE_1
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+async def test_mqtt5_refusal_in_the_puback_is_permanent_for_that_message_alone(
+    mosquitto_acl: Mosquitto,
+) -> None:
+    # The broker acknowledges every PUBLISH, but refuses fridge-2's with "Not authorized":
+    # counted as delivered, that reading would be lost without a trace.
+    batch = deliveries(4, devices=("fridge-1", "fridge-2"))
+    async with subscribed(mosquitto_acl, "coap-gw/#") as subscriber:
+        async with MqttSink(sink_config(mosquitto_acl.url, mqtt_version="5")) as sink:
+            results = await publish_batch(sink, batch)
+            assert [r is None for r in results] == [True, False, True, False]
+            for refused in (results[1], results[3]):
+                assert isinstance(refused, PermanentSinkError)
+                assert "Not authorized" in str(refused) and "0x87" in str(refused)
+            assert sink.connected  # a refusal is not a broken connection
+            assert await publish_batch(sink, deliveries(1)) == [None]
+        got = await receive(subscriber, 3)
+    assert [decode(m.payload, Encoding.JSON).message_id for m in got] == ["r-1", "r-3", "r-1"]
+
+
+async def test_broker_that_never_sends_connack_is_transient_and_its_socket_closed() -> None:
+    # Something accepts the TCP connection and reads the CONNECT, but never answers.
+    accepted: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = asyncio.Queue()
+
+    async def on_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await accepted.put((reader, writer))
+
+    server = await asyncio.start_server(on_connection, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with MqttSink(sink_config(f"mqtt://127.0.0.1:{port}", timeout=0.5)) as sink:
+            started = time.monotonic()
+            (result,) = await publish_batch(sink, deliveries(1))
+            assert time.monotonic() - started < 2
+            assert isinstance(result, TransientSinkError) and "cannot connect" in str(result)
+            reader, writer = await accepted.get()
+            async with asyncio.timeout(5):
+                received = await reader.read()  # to EOF: the sink closed its end
+            assert received[:1] == b"\x10"  # what came was a CONNECT, and nothing after it
+            writer.close()
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
 async def test_unreachable_port_is_transient() -> None:
     url = f"mqtt://127.0.0.1:{free_port()}"
     async with MqttSink(sink_config(url)) as sink:
@@ -155,7 +220,7 @@ class RecordingSocket(socket.socket):
 @contextlib.contextmanager
 def recording_socket(sink: MqttSink) -> Iterator[RecordingSocket]:
     """The options the connected sink sets on its socket while the block runs."""
-    paho = sink._client._client  # type: ignore[union-attr]
+    paho = sink._link.client  # type: ignore[union-attr]
     recording = RecordingSocket(paho.socket())
     paho.socket = lambda: recording
     try:

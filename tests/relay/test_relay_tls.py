@@ -48,7 +48,7 @@ async def test_mqtt_over_tls_verifies_the_broker_and_delivers(
         config = mqtt_config(mosquitto_tls.url, **certificates.sink_options(client=False))
         async with MqttSink(config) as sink:
             assert await publish_batch(sink, deliveries(1)) == [None]
-            assert isinstance(sink._client._client.socket(), ssl.SSLSocket)  # type: ignore[union-attr]
+            assert isinstance(sink._link.client.socket(), ssl.SSLSocket)  # type: ignore[union-attr]
             with recording_socket(sink) as recording:
                 assert await publish_batch(sink, deliveries(20)) == [None] * 20
         assert len(await receive(subscriber, 21)) == 21

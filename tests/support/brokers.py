@@ -107,6 +107,10 @@ class Broker:
 
 
 class Mosquitto(Broker):
+    #: An ACL file's text (mosquitto's `acl_file`): which topics clients may read and write.
+    #: None: all of them. Read at each start, so a test can change it and restart.
+    acl: str | None = None
+
     def command(self) -> list[str]:
         config = self.workdir / "mosquitto.conf"
         lines = [
@@ -115,11 +119,16 @@ class Mosquitto(Broker):
             "persistence false",
             "log_dest stdout",
         ]
+        if self.tls is not None or self.acl is not None:
+            # Run as root, mosquitto would switch to its own user, which may not read
+            # the test's (private) temporary folder.
+            lines += [f"user {getpass.getuser()}"]
+        if self.acl is not None:
+            acl = self.workdir / "acl"
+            acl.write_text(self.acl)
+            lines += [f"acl_file {acl}"]
         if self.tls is not None:
             lines += [
-                # Run as root, mosquitto would switch to its own user, which may not read
-                # the test's (private) temporary folder.
-                f"user {getpass.getuser()}",
                 f"cafile {self.tls.ca}",
                 f"certfile {self.tls.server_cert}",
                 f"keyfile {self.tls.server_key}",

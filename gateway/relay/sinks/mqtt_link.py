@@ -1,0 +1,273 @@
+"""One MQTT connection: a paho client driven by the event loop, each PUBLISH answered alone.
+
+paho does the protocol. This module drives its socket the way paho's own asyncio example
+does: a reader on the socket, a writer while paho has bytes queued, and `loop_misc` once a
+second for keep-alives. It exists instead of aiomqtt (the usual wrapper) for two things the
+relay needs and aiomqtt does not give:
+
+- the reason code of every PUBACK. An MQTT 5 broker that refuses a message (an ACL, a
+  quota) still acknowledges it, with a failure code; counting that as delivered would lose
+  the message;
+- publishing a batch without a future, an event and a timer per message: a batch is one
+  callback per PUBACK and one wait (docs/performance.md, change 18).
+
+paho calls back on the event loop's thread, except while `connect` runs in a worker thread
+(DNS, TCP and TLS handshakes block); what it asks for from there is handed over with
+`call_soon_threadsafe`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import ssl
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+#: Linux only; elsewhere the kernel's delayed ACKs stay as they are.
+TCP_QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
+KEEPALIVE = 60
+
+Acknowledged = Callable[[ReasonCode], None]
+
+
+class LinkError(Exception):
+    """The connection cannot take or finish a PUBLISH (not connected, refused, lost)."""
+
+
+def acknowledge_promptly(sock: socket.socket) -> None:
+    """Make the kernel acknowledge what the broker sent at once.
+
+    Mosquitto leaves Nagle's algorithm on by default (`set_tcp_nodelay false`), so after
+    the first PUBACK of a batch it holds the others back until that segment is ACKed, and
+    a client that has nothing more to send (it is waiting for those PUBACKs) delays its
+    ACK by up to 40 ms. A pipelined batch then spent most of its time waiting: aiomqtt
+    alone published about 1,500 QoS 1 messages/s against a default mosquitto, about 4,000/s
+    with quick ACKs, the same as against a broker with `set_tcp_nodelay true`
+    (docs/performance.md, figure 6). Linux turns quick ACK mode off again by itself, hence
+    once per read.
+    """
+    if TCP_QUICKACK is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, TCP_QUICKACK, 1)
+
+
+class MqttLink:
+    """A connection to one broker, for publishing; `closed` resolves (with why) when it ends.
+
+    Not reused: after `closed`, make a new link.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        protocol: MQTTProtocolVersion = MQTTProtocolVersion.MQTTv311,
+        client_id: str | None = None,
+        username: str | None = None,
+        password: str | None = None,
+        tls_context: ssl.SSLContext | None = None,
+        max_in_flight: int | None = None,
+        connect_timeout: float = 10.0,
+    ) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
+        self._host, self._port = host, port
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id or "", protocol=protocol)
+        if username is not None:
+            client.username_pw_set(username, password)
+        if tls_context is not None:
+            client.tls_set_context(tls_context)
+        if max_in_flight is not None:
+            client.max_inflight_messages_set(max_in_flight)
+        client.connect_timeout = connect_timeout
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_publish = self._on_publish
+        client.on_socket_open = self._on_socket_open
+        client.on_socket_close = self._on_socket_close
+        client.on_socket_register_write = self._on_socket_register_write
+        client.on_socket_unregister_write = self._on_socket_unregister_write
+        self.client = client
+        #: Resolves with the reason once the connection has ended (or never came up).
+        self.closed: asyncio.Future[str] = self._loop.create_future()
+        self._connack: asyncio.Future[None] = self._loop.create_future()
+        self._waiting: dict[int, Acknowledged] = {}
+        self._watched: socket.socket | None = None
+        self._misc: asyncio.Task[None] | None = None
+
+    @property
+    def alive(self) -> bool:
+        return self._connack.done() and not self._connack.exception() and not self.closed.done()
+
+    async def connect(self, within: float) -> None:
+        """Open the connection and wait for the broker's CONNACK, all within `within` s.
+
+        Raises OSError (ssl.SSLError too) or LinkError, or TimeoutError."""
+        connecting = asyncio.ensure_future(
+            asyncio.to_thread(self.client.connect, self._host, self._port, KEEPALIVE)
+        )
+        try:
+            async with asyncio.timeout(within):
+                await asyncio.shield(connecting)
+                await self._connack
+        except BaseException as exc:
+            # A connect still running in its thread is closed once it is done.
+            reason = f"cannot connect: {exc!r}"
+            connecting.add_done_callback(lambda _: self.abort(reason))
+            raise
+        self._misc = self._loop.create_task(self._keep_alive(), name="mqtt-keepalive")
+
+    def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        qos: int,
+        retain: bool,
+        properties: Properties | None,
+        acknowledged: Acknowledged,
+    ) -> None:
+        """Hand one PUBLISH to paho; `acknowledged(reason)` runs once the broker answered
+        it (QoS 1) or it was written (QoS 0).
+
+        Raises ValueError for a message paho refuses (topic, size), LinkError when the
+        connection cannot take it."""
+        if self.closed.done():
+            raise LinkError(f"connection lost: {self.closed.result()}")
+        info = self.client.publish(topic, payload, qos, retain, properties)
+        if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            raise LinkError(f"cannot publish: {mqtt.error_string(info.rc)}")
+        # Written only when the loop next runs the writer, so never acknowledged yet.
+        self._waiting[info.mid] = acknowledged
+
+    def forget(self) -> None:
+        """Drop the callbacks of publishes still unanswered (their batch gave up)."""
+        self._waiting.clear()
+
+    async def aclose(self, wait: float = 1.0) -> None:
+        """Say goodbye to the broker if it still listens, then close the socket."""
+        if self.alive:
+            with contextlib.suppress(Exception):
+                self.client.disconnect()
+                async with asyncio.timeout(wait):
+                    await asyncio.shield(self.closed)
+        self.abort("closed")
+
+    def abort(self, reason: str) -> None:
+        """Close at once, without a DISCONNECT."""
+        self._unwatch()
+        if self._misc is not None:
+            self._misc.cancel()
+        sock = self.client.socket()
+        if sock is not None:
+            sock.close()
+        self._ended(reason)
+
+    # --------------------------------------------------------- paho's callbacks
+
+    def _on_connect(
+        self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode, props: Any
+    ) -> None:
+        if self._connack.done():
+            return
+        if reason.is_failure:
+            self._connack.set_exception(LinkError(f"broker refused the connection: {reason}"))
+        else:
+            self._connack.set_result(None)
+
+    def _on_disconnect(
+        self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode, props: Any
+    ) -> None:
+        self._ended(str(reason))
+
+    def _on_publish(
+        self, client: mqtt.Client, userdata: Any, mid: int, reason: ReasonCode, props: Any
+    ) -> None:
+        acknowledged = self._waiting.pop(mid, None)
+        if acknowledged is not None:
+            acknowledged(reason)
+
+    def _on_socket_open(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        self._on_loop(self._watch, sock)
+
+    def _on_socket_close(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        self._on_loop(self._unwatch)
+
+    def _on_socket_register_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        self._on_loop(self._want_write, True)
+
+    def _on_socket_unregister_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        self._on_loop(self._want_write, False)
+
+    # --------------------------------------------------------- the event loop's side
+
+    def _on_loop(self, fn: Callable[..., None], *args: Any) -> None:
+        if threading.get_ident() == self._loop_thread:
+            fn(*args)
+        else:
+            self._loop.call_soon_threadsafe(fn, *args)
+
+    def _watch(self, sock: socket.socket) -> None:
+        if self.closed.done() or sock.fileno() < 0:
+            return
+        self._watched = sock
+        self._loop.add_reader(sock, self._readable)
+        if self.client.want_write():
+            self._loop.add_writer(sock, self._writable)
+
+    def _unwatch(self) -> None:
+        sock, self._watched = self._watched, None
+        if sock is not None:
+            self._loop.remove_reader(sock)
+            self._loop.remove_writer(sock)
+
+    def _want_write(self, wanted: bool) -> None:
+        sock = self._watched
+        if sock is None:
+            return  # not watched yet: `_watch` looks at `want_write` itself
+        if wanted:
+            self._loop.add_writer(sock, self._writable)
+        else:
+            self._loop.remove_writer(sock)
+
+    def _readable(self) -> None:
+        client = self.client
+        try:
+            while True:
+                rc = client.loop_read()
+                sock = client.socket()
+                if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or not isinstance(sock, socket.socket):
+                    break
+                acknowledge_promptly(sock)
+                # An SSL socket may hold decrypted bytes that the next select will not report.
+                if not (isinstance(sock, ssl.SSLSocket) and sock.pending()):
+                    break
+        except Exception as exc:  # a broken socket, a TLS error: the connection is over
+            self.abort(f"read failed: {exc!r}")
+
+    def _writable(self) -> None:
+        try:
+            self.client.loop_write()
+        except Exception as exc:
+            self.abort(f"write failed: {exc!r}")
+
+    async def _keep_alive(self) -> None:
+        # paho's clock (PINGREQ when due, a broker silent too long) is polled, not evented.
+        while self.client.loop_misc() == MQTTErrorCode.MQTT_ERR_SUCCESS:  # noqa: ASYNC110
+            await asyncio.sleep(1.0)
+
+    def _ended(self, reason: str) -> None:
+        if not self._connack.done():
+            self._connack.set_exception(LinkError(f"connection closed: {reason}"))
+            self._connack.exception()  # retrieved: nobody may be waiting any more
+        if not self.closed.done():
+            self.closed.set_result(reason)
