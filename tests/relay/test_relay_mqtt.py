@@ -22,6 +22,7 @@ from gateway.relay.sinks.base import publish_batch
 from gateway.relay.sinks.mqtt import TCP_QUICKACK, MqttSink
 from tests.relay.messages import deliveries
 from tests.support.brokers import Mosquitto, free_port
+from tests.support.gateway import wait_until
 
 
 def sink_config(url: str, **kw: object) -> SinkConfig:
@@ -108,6 +109,7 @@ async def test_broker_going_away_is_transient_and_recovered(mosquitto: Mosquitto
     async with MqttSink(sink_config(mosquitto.url, timeout=1.0)) as sink:
         assert await publish_batch(sink, deliveries(1)) == [None]
         mosquitto.stop()
+        await wait_until(lambda: not sink.connected)  # noticed between batches
         started = time.monotonic()
         results = await publish_batch(sink, deliveries(3))
         assert all(isinstance(r, TransientSinkError) for r in results)

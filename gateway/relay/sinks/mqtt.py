@@ -18,6 +18,7 @@ MQTT 5 adds the content type and a `message-id` user property to each PUBLISH.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ssl
 from collections.abc import Callable, Sequence
 from urllib.parse import urlsplit
@@ -115,7 +116,14 @@ class MqttSink(SinkBase):
         self._link = link
         self._connected = True
         self._log.info("sink.connected", host=self._host, port=self._port)
+        link.closed.add_done_callback(functools.partial(self._link_closed, link))
         return link
+
+    def _link_closed(self, link: MqttLink, closed: asyncio.Future[str]) -> None:
+        # The broker went away between batches: say so now, not at the next batch.
+        if link is self._link:
+            self._connected = False
+            self._log.warning("sink.disconnected", reason=closed.result())
 
     async def _disconnect(self) -> None:
         link, self._link = self._link, None
