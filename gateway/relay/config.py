@@ -54,7 +54,7 @@ class SinkConfig:
     topic: str = DEFAULT_MQTT_TOPIC
     mqtt_version: Literal["3.1.1", "5"] = "3.1.1"
     #: QoS 1/2 publishes awaiting acknowledgement at once; 0: 100 over MQTT 3.1.1, paho's 20
-    #: over MQTT 5 (keep it within the broker's Receive Maximum).
+    #: over MQTT 5 (lowered to the broker's Receive Maximum where that is less).
     max_in_flight: int = 0
     client_id: str | None = None
     username: str | None = None

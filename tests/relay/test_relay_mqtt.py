@@ -199,6 +199,25 @@ async def test_broker_that_never_sends_connack_is_transient_and_its_socket_close
         await server.wait_closed()
 
 
+async def test_mqtt5_keeps_within_the_receive_maximum_the_broker_announces(
+    tmp_path: Path,
+) -> None:
+    # MQTT 5 forbids more unacknowledged publishes than the broker's CONNACK allows; the
+    # sink was configured for more, so it connects again within the broker's bound.
+    broker = Mosquitto(tmp_path)
+    broker.extra = "max_inflight_messages 5\n"
+    broker.start()
+    try:
+        config = sink_config(broker.url, mqtt_version="5", max_in_flight=50)
+        async with MqttSink(config) as sink:
+            assert await publish_batch(sink, deliveries(30)) == [None] * 30
+            assert sink._link is not None
+            assert sink._link.receive_maximum == 5
+            assert sink._link.client.max_inflight_messages == 5
+    finally:
+        broker.stop()
+
+
 async def test_unreachable_port_is_transient() -> None:
     url = f"mqtt://127.0.0.1:{free_port()}"
     async with MqttSink(sink_config(url)) as sink:

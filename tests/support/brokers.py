@@ -110,6 +110,8 @@ class Mosquitto(Broker):
     #: An ACL file's text (mosquitto's `acl_file`): which topics clients may read and write.
     #: None: all of them. Read at each start, so a test can change it and restart.
     acl: str | None = None
+    #: More lines for mosquitto.conf (a setting a test needs).
+    extra: str = ""
 
     def command(self) -> list[str]:
         config = self.workdir / "mosquitto.conf"
@@ -134,7 +136,7 @@ class Mosquitto(Broker):
                 f"keyfile {self.tls.server_key}",
                 f"require_certificate {'true' if self.verify_clients else 'false'}",
             ]
-        config.write_text("\n".join(lines) + "\n")
+        config.write_text("\n".join(lines) + "\n" + self.extra)
         return [MOSQUITTO, "-c", str(config)]
 
     @property

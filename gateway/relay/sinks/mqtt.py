@@ -81,7 +81,7 @@ class MqttSink(SinkBase):
         self._v5 = config.mqtt_version == "5"
         self._in_flight = config.max_in_flight or (
             # MQTT 5 brokers announce how many they take (mosquitto: 20, paho's default) and
-            # drop a client that sends more; MQTT 3.1.1 has no such bound.
+            # may drop a client that sends more (see `_connect`); MQTT 3.1.1 has no such bound.
             None if self._v5 else DEFAULT_IN_FLIGHT_V311
         )
         self._link: MqttLink | None = None
@@ -96,6 +96,24 @@ class MqttSink(SinkBase):
         if self._link is not None and self._link.alive:
             return self._link
         await self._disconnect()
+        link = await self._open_link()
+        in_flight = link.client.max_inflight_messages
+        announced = link.receive_maximum
+        if announced is not None and not 0 < in_flight <= announced:
+            # MQTT 5 forbids more unacknowledged publishes than the broker's Receive Maximum
+            # (some brokers disconnect a client that sends more); paho cannot lower its bound
+            # on an open connection, so open it again within the broker's.
+            self._log.warning("sink.in_flight_lowered", configured=in_flight, broker=announced)
+            self._in_flight = announced
+            await link.aclose()
+            link = await self._open_link()
+        self._link = link
+        self._connected = True
+        self._log.info("sink.connected", host=self._host, port=self._port)
+        link.closed.add_done_callback(functools.partial(self._link_closed, link))
+        return link
+
+    async def _open_link(self) -> MqttLink:
         config = self._config
         link = MqttLink(
             self._host,
@@ -113,10 +131,6 @@ class MqttSink(SinkBase):
         except (LinkError, OSError, TimeoutError) as exc:
             where = f"{self._host}:{self._port}"
             raise self.down(self.transient(f"cannot connect to {where}: {exc!r}")) from exc
-        self._link = link
-        self._connected = True
-        self._log.info("sink.connected", host=self._host, port=self._port)
-        link.closed.add_done_callback(functools.partial(self._link_closed, link))
         return link
 
     def _link_closed(self, link: MqttLink, closed: asyncio.Future[str]) -> None:

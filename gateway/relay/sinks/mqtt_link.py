@@ -97,6 +97,9 @@ class MqttLink:
         client.on_socket_register_write = self._on_socket_register_write
         client.on_socket_unregister_write = self._on_socket_unregister_write
         self.client = client
+        #: QoS 1 publishes the broker takes unacknowledged at once, if its CONNACK said
+        #: (MQTT 5). paho does not keep to it by itself.
+        self.receive_maximum: int | None = None
         #: Resolves with the reason once the connection has ended (or never came up).
         self.closed: asyncio.Future[str] = self._loop.create_future()
         self._connack: asyncio.Future[None] = self._loop.create_future()
@@ -182,6 +185,7 @@ class MqttLink:
         if reason.is_failure:
             self._connack.set_exception(LinkError(f"broker refused the connection: {reason}"))
         else:
+            self.receive_maximum = getattr(props, "ReceiveMaximum", None)
             self._connack.set_result(None)
 
     def _on_disconnect(
