@@ -77,22 +77,49 @@ async def depths(conn: aiosqlite.Connection) -> dict[str, int]:
 SELECT_WINDOW = (
     "SELECT id, device_id, state, next_attempt_at FROM outbox WHERE sink = ? ORDER BY id LIMIT ?"
 )
+SELECT_AFTER = (
+    "SELECT id, device_id, state, next_attempt_at FROM outbox WHERE sink = ? AND id > ?{}"
+    " ORDER BY id LIMIT ?"
+)
+#: Further windows a round reads past devices that wait, and how many such devices it
+#: leaves out by name (one bound parameter each: within the 999 of SQLite before 3.32);
+#: beyond either, the round plans with what it has.
+MAX_WINDOWS_PAST_BLOCKED = 4
+MAX_BLOCKED_LEFT_OUT = 900
 
 
 def plan_window(
     conn: sqlite3.Connection, sink: str, *, now: float, limit: int, window: int
 ) -> BatchPlan:
     """Plan the sink's next batch from its oldest `window` unfinished entries, reading
-    them in id order only as far as the plan needs (see `BatchPlanner`)."""
+    them in id order only as far as the plan needs (see `BatchPlanner`).
+
+    A window taken up by devices that wait (in flight, or for a retry) would hold back
+    every device after it, so while the batch has room the round reads on past it,
+    leaving those devices out of the query: each later row of theirs would be skipped
+    anyway, and a device first met there is still read in id order.
+    """
     planner = BatchPlanner(now=now, limit=limit)
-    cursor = conn.execute(SELECT_WINDOW, (sink, window))
-    try:
-        for row in cursor:
-            # The planner keys order by device; the device id is as good as its name.
-            if not planner.offer(OutboxRow(row[0], str(row[1]), DeliveryState(row[2]), row[3])):
-                break
-    finally:
-        cursor.close()
+    query = SELECT_WINDOW
+    params: tuple[Any, ...] = (sink, window)
+    for _ in range(1 + MAX_WINDOWS_PAST_BLOCKED):
+        read, last_id = 0, 0
+        cursor = conn.execute(query, params)
+        try:
+            for row in cursor:
+                read, last_id = read + 1, row[0]
+                # The planner keys order by device; the device id is as good as its name.
+                state = DeliveryState(row[2])
+                if not planner.offer(OutboxRow(row[0], str(row[1]), state, row[3])):
+                    return planner.plan()
+        finally:
+            cursor.close()
+        blocked = planner.blocked
+        if read < window or len(blocked) > MAX_BLOCKED_LEFT_OUT:
+            break
+        leave_out = f" AND device_id NOT IN ({_marks(len(blocked))})" if blocked else ""
+        query = SELECT_AFTER.format(leave_out)
+        params = (sink, last_id, *(int(device) for device in blocked), window)
     return planner.plan()
 
 

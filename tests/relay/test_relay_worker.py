@@ -14,9 +14,11 @@ from typing import Any
 
 import aiosqlite
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway.core.model import Device
-from gateway.core.outbox import RetryPolicy
+from gateway.core.outbox import DeliveryState, OutboxRow, RetryPolicy, plan_batch
 from gateway.core.readings import Measurement
 from gateway.relay import store
 from gateway.relay.config import RelayConfig, RouteConfig
@@ -111,6 +113,58 @@ async def test_a_round_settles_and_claims_in_one_trip_along_the_state_table(
     assert sink.message_ids == ["r-2", "r-4", "r-1", "r-2"]
     assert setup.outbox() == []
     assert (stats.sent, stats.retries, stats.dead) == (3, 2, 1)
+
+
+async def test_a_device_waiting_for_its_retry_does_not_hold_back_those_behind_its_window(
+    setup: Setup,
+) -> None:
+    # The fridge's 1,200 entries fill the window a round reads (1,000 entries); its first
+    # fails, so all of them wait 10 s for the retry. The truck's one reading comes after.
+    await setup.store(FRIDGE, 1_200)
+    await setup.store(TRUCK, 1)
+    sink = MemorySink("m")
+    sink.fail_message("r-1", "transient")
+    worker = setup.worker(sink, batch_size=10)
+    assert await worker.step() == 10.0  # then nothing is due until the fridge's retry
+    # r-2 to r-10 went out but count as failed, to be sent again after r-1.
+    assert sink.message_ids == [f"r-{i}" for i in range(2, 11)] + ["r-1201"]
+    assert worker.stats.sent == 1
+    fridge = setup.rows("SELECT count(*) FROM outbox WHERE device_id = 1 AND state = 'pending'")
+    assert fridge == [(1_200,)]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(1, 6),
+            st.sampled_from([DeliveryState.PENDING, DeliveryState.IN_FLIGHT]),
+            st.sampled_from([0.0, 5.0, 20.0]),
+        ),
+        max_size=60,
+    ),
+    st.integers(1, 8),
+    st.integers(1, 12),
+)
+def test_reading_past_waiting_devices_plans_as_one_look_at_every_entry(
+    specs: list[tuple[int, DeliveryState, float]], window: int, limit: int
+) -> None:
+    # However small the window, a round that may read on past the devices that wait plans
+    # exactly what the planner would with the whole outbox in view.
+    conn = sqlite3.connect(":memory:")
+    conn.execute(
+        "CREATE TABLE outbox (id INTEGER PRIMARY KEY, sink TEXT, device_id INTEGER,"
+        " state TEXT, next_attempt_at REAL)"
+    )
+    conn.executemany(
+        "INSERT INTO outbox VALUES (?, 'm', ?, ?, ?)",
+        [(i, device, state.value, at) for i, (device, state, at) in enumerate(specs, 1)],
+    )
+    rows = [OutboxRow(i, str(d), state, at) for i, (d, state, at) in enumerate(specs, 1)]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(store, "MAX_WINDOWS_PAST_BLOCKED", len(specs) + 1)
+        planned = store.plan_window(conn, "m", now=10.0, limit=limit, window=window)
+    assert planned == plan_batch(rows, now=10.0, limit=limit)
 
 
 async def test_batches_keep_each_devices_order(setup: Setup) -> None:
