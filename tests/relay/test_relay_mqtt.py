@@ -218,6 +218,23 @@ async def test_mqtt5_keeps_within_the_receive_maximum_the_broker_announces(
         broker.stop()
 
 
+async def test_connection_lost_mid_batch_ends_the_wait_at_once(mosquitto: Mosquitto) -> None:
+    # The broker dies with PUBACKs outstanding: the batch is transient as soon as the
+    # connection drops, not when the sink's timeout runs out.
+    async with MqttSink(sink_config(mosquitto.url, timeout=30.0)) as sink:
+        assert await publish_batch(sink, deliveries(1)) == [None]
+        assert mosquitto.process is not None
+        mosquitto.process.send_signal(signal.SIGSTOP)  # takes the batch, answers nothing
+        batch = asyncio.create_task(publish_batch(sink, deliveries(20)))
+        await wait_until(lambda: sink._link is not None and sink._link._waiting)
+        started = time.monotonic()
+        mosquitto.stop()  # SIGKILL: the kernel closes its end of the connection
+        results = await batch
+    assert time.monotonic() - started < 5
+    assert all(isinstance(r, TransientSinkError) for r in results)
+    assert "connection lost" in str(results[0])
+
+
 async def test_unreachable_port_is_transient() -> None:
     url = f"mqtt://127.0.0.1:{free_port()}"
     async with MqttSink(sink_config(url)) as sink:
