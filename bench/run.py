@@ -64,6 +64,12 @@ FANOUT_OBSERVERS = 1_000  # figure 5: observers of one device, one socket each
 # confirmable one to be retransmitted (ACK_TIMEOUT 2 s x ACK_RANDOM_FACTOR 1.5, RFC 7252).
 FANOUT_WAIT = 5.0
 FANOUT_MIN_ROUNDS = 3  # measured rounds at least, however slow the server's rounds are
+#: Figure 5 at a fixed posting rate: readings/s one device posts while observed 1,000 times
+#: (the slower fits within the fan-out, the faster outruns it), and how long to wait after
+#: the last post for notifications to stop arriving.
+FANOUT_RATES = (5.0, 50.0, 200.0)
+FANOUT_QUIET = 0.5
+FANOUT_DRAIN = 15.0
 BACKLOG = int(os.environ.get("BENCH_BACKLOG", 2_000 if QUICK else 20_000))
 DRAIN_TIMEOUT = 30.0 if QUICK else 90.0
 ONLY = frozenset(
@@ -546,6 +552,53 @@ async def fan_out(server: Server) -> tuple[FanoutStats, LoadGenerator, int]:
     return stats, device, drops
 
 
+@dataclass
+class RateFanout:
+    """One device posting at a fixed rate while FANOUT_OBSERVERS observe it."""
+
+    offered: float  # readings/s the device posts
+    posts: Stats  # its requests, answered or not
+    observers: int  # observations live when it started
+    notifications: int  # distinct notifications received by all observers together
+    seconds: float  # from the first post to the last notification
+
+    @property
+    def share(self) -> float:
+        """Of the readings answered 2.04, the share each observer was notified of (1.0: all;
+        less: notified of the latest only, some in between skipped)."""
+        readings = self.posts.codes["2.04"]
+        return self.notifications / (readings * self.observers) if readings else 0.0
+
+    @property
+    def notification_rate(self) -> float:
+        return self.notifications / self.seconds if self.seconds else 0.0
+
+
+async def fan_out_at(server: Server, rate: float) -> tuple[RateFanout, LoadGenerator]:
+    """FANOUT_OBSERVERS sockets observe one device's `/r/NAME` while it posts `rate`
+    readings/s, open loop, for the measurement time; then wait until no notification has
+    come for FANOUT_QUIET seconds (at most FANOUT_DRAIN)."""
+    name = f"fanrate-{rate:.0f}"
+    target = ("127.0.0.1", server.port)
+    async with (
+        LoadGenerator(target, sockets=1) as device,
+        LoadGenerator(target, sockets=FANOUT_OBSERVERS) as observers,
+    ):
+        await device.run(Registrations([name]), window=1)
+        await observers.run(Observations([name] * FANOUT_OBSERVERS), window=WINDOW)
+        watching = observers.notifications.observing
+        before = observers.notifications.received
+        begin = time.perf_counter()
+        posts = await device.run(CborReadings([name]), duration=DURATION, rate=rate, window=64)
+        seen, last = observers.notifications.received, time.perf_counter()
+        give_up = last + FANOUT_DRAIN
+        while time.perf_counter() - last < FANOUT_QUIET and time.perf_counter() < give_up:
+            await asyncio.sleep(0.05)  # polling a counter; a benchmark, not a test
+            if observers.notifications.received != seen:
+                seen, last = observers.notifications.received, time.perf_counter()
+    return RateFanout(rate, posts, watching, seen - before, last - begin), device
+
+
 def show_fanout(label: str, stats: FanoutStats, drops: int) -> None:
     rounds = ", ".join(f"{seconds * 1000:.0f}" for seconds in stats.latencies)
     print(f"    {label:<30} {stats.summary()}", flush=True)
@@ -926,6 +979,7 @@ async def main() -> int:
                     non,
                     percentile_ms(bare_non.latencies, p),
                 )
+            await fan_out_at_rates(workdir, report, acked)
             for label, run, drops in runs:
                 slow = sum(seconds > 1.0 for seconds in run.latencies)
                 if run.missing or run.lost or run.ended or run.failed or slow:
@@ -1037,6 +1091,56 @@ async def main() -> int:
         return 1
     print("ok: every reading acknowledged with 2.04 is stored")
     return 0
+
+
+async def fan_out_at_rates(workdir: Path, report: Report, acked: Any) -> None:
+    """Figure 5 with the device posting at fixed rates: the gateway against bare aiocoap with
+    NON notifications, each rate on a fresh server."""
+    for rate in FANOUT_RATES:
+        runs: dict[str, RateFanout] = {}
+        async with gateway(workdir, f"fanrate-{rate:.0f}", observers=2 * FANOUT_OBSERVERS) as srv:
+            runs["gateway"], device = await fan_out_at(srv, rate)
+            acked(srv.db, "cbor", device)
+        async with baseline("aiocoap-observe-non", workdir) as srv:
+            runs["bare"], _ = await fan_out_at(srv, rate)
+        for label, run in runs.items():
+            print(
+                f"    {label:<30} posting {rate:.0f}/s: {run.posts.rate:.1f} readings/s answered"
+                f" 2.04 (codes {dict(run.posts.codes)}, lost {run.posts.lost}),"
+                f" {run.notifications} notifications to {run.observers} observers in"
+                f" {run.seconds:.1f} s, share {run.share:.3f}",
+                flush=True,
+            )
+        ours, bare = runs["gateway"], runs["bare"]
+        non = "bare aiocoap (NON notif.)"
+        at = f"posting {rate:.0f} readings/s"
+        report.add(
+            "5", f"readings/s answered 2.04, {at}", ours.posts.rate, "/s", non, bare.posts.rate
+        )
+        report.add(
+            "5",
+            f"notifications/s, {at}",
+            ours.notification_rate,
+            "notif./s",
+            non,
+            bare.notification_rate,
+        )
+        report.add(
+            "5",
+            f"share of readings each observer saw, {at}",
+            100 * ours.share,
+            "%",
+            non,
+            100 * bare.share,
+        )
+        report.add(
+            "5",
+            f"p99 device->ack, {at}",
+            ours.posts.percentile(99),
+            "ms",
+            non,
+            bare.posts.percentile(99),
+        )
 
 
 async def compare_generators(workdir: Path, report: Report) -> None:

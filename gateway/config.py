@@ -99,7 +99,10 @@ class ObserveConfig:
     #: ... and at least one every this many seconds.
     con_interval: float = 86_400.0
     #: Notifications handed to the CoAP stack per step before the notifier yields to ingest.
-    fanout_batch: int = 200
+    #: Small on purpose: the event loop reads one datagram per turn, so each yield is one
+    #: more request read; with 200, a device observed 1,000 times could post only as fast
+    #: as its observers were notified (docs/performance.md, change 19).
+    fanout_batch: int = 10
     #: Per device type, which of its resource paths the gateway observes. A type not listed
     #: gets every link its registration marked `obs`; an empty list observes nothing.
     paths: dict[str, tuple[str, ...]] = field(default_factory=dict)

@@ -54,6 +54,39 @@ async def test_observe_latest_reading_cbor_and_json(
     assert update.opt.content_format == 50
 
 
+async def test_a_burst_of_readings_leaves_every_observer_with_the_newest(
+    gateway: Gateway, gateway_url: str, coap_client: aiocoap.Context
+) -> None:
+    # Observe is latest-value: readings that come faster than the notifications may be
+    # skipped, but each observer's last notification is the last reading.
+    await register(coap_client, gateway_url, "fridge-1", "fridge")
+    await post(coap_client, gateway_url, "r/fridge-1", cbor2.dumps({"temp": 0.0}))
+    observations = [observe(coap_client, f"{gateway_url}/r/fridge-1") for _ in range(8)]
+    for observation in observations:
+        await observation.response
+    seen: list[list[float]] = [[] for _ in observations]
+
+    async def follow(index: int, observation: Any) -> None:
+        async for update in observation.observation:
+            seen[index].append(cbor2.loads(update.payload)["temp"]["v"])
+
+    followers = [asyncio.create_task(follow(i, o)) for i, o in enumerate(observations)]
+    try:
+        burst = [
+            post(coap_client, gateway_url, "r/fridge-1", cbor2.dumps({"temp": t / 10}))
+            for t in range(1, 41)
+        ]
+        assert all(r.code == Code.CHANGED for r in await asyncio.gather(*burst))
+        # The posts ran concurrently: the newest is what a plain GET answers now.
+        request = aiocoap.Message(code=Code.GET, uri=f"{gateway_url}/r/fridge-1")
+        current = await coap_client.request(request).response
+        newest = cbor2.loads(current.payload)["temp"]["v"]
+        await wait_until(lambda: all(values and values[-1] == newest for values in seen))
+    finally:
+        for follower in followers:
+            follower.cancel()
+
+
 async def test_rejected_reading_is_not_notified(
     gateway: Gateway, gateway_url: str, coap_client: aiocoap.Context
 ) -> None:
