@@ -127,6 +127,11 @@ class RelayConfig:
     catch_up_batch_size: int | None = None
     #: How often an idle worker looks at the outbox when nothing wakes it sooner.
     poll_interval: float = 1.0
+    #: Seconds a worker that keeps up waits before each round, so that readings committed
+    #: meanwhile go out in the same round: a round is a transaction of its own, and one
+    #: per reading or two cost more than the readings (docs/performance.md, change 20).
+    #: Adds up to this much to a reading's way downstream; 0 sends at once.
+    linger: float = 0.01
     #: How often the running gateway writes its live relay figures for `gateway relay status`.
     status_interval: float = 2.0
     retry: RetryPolicy = field(default_factory=RetryPolicy)
@@ -233,6 +238,8 @@ def check_relay(
         )
     if relay.poll_interval <= 0:
         raise ConfigError("relay.poll_interval must be positive", key="relay.poll_interval")
+    if not 0 <= relay.linger <= 1:
+        raise ConfigError("relay.linger must be between 0 and 1 s", key="relay.linger")
     if relay.status_interval <= 0:
         raise ConfigError("relay.status_interval must be positive", key="relay.status_interval")
     if relay.retry_after < 0:

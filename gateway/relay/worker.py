@@ -112,6 +112,8 @@ class SinkWorker:
         claimed: store.Claimed | None = None
         while True:
             if claimed is None:
+                # Woken by a commit, or after a batch that was not full: let more gather.
+                await self._linger(settled)
                 now = self._clock()
                 claimed = await self._settle_and_claim(settled, now)
                 settled = ()
@@ -156,6 +158,17 @@ class SinkWorker:
             return catch_up
         return self._config.batch_size
 
+    async def _linger(self, settled: Sequence[store.Outcome]) -> None:
+        """Wait `linger` before a round; cancelled meanwhile, write `settled` first."""
+        if self._config.linger <= 0:
+            return
+        try:
+            await asyncio.sleep(self._config.linger)
+        except BaseException:
+            if settled:
+                await self._settle_alone(settled, None)
+            raise
+
     async def _abandon(self, ahead: asyncio.Task[store.Claimed]) -> None:
         """Let a trip run ahead finish, then put back what it claimed. Not cancelled: it
         also settles the batch before, which must be written (or put back if it fails)."""
@@ -164,11 +177,13 @@ class SinkWorker:
             await self._release([entry.id for entry in ahead.result().entries])
 
     async def _settle_alone(
-        self, outcomes: Sequence[store.Outcome], ahead: asyncio.Task[store.Claimed]
+        self, outcomes: Sequence[store.Outcome], ahead: asyncio.Task[store.Claimed] | None
     ) -> None:
-        """Cancelled or failed while a trip ran ahead: let it finish and put back what it
-        claimed, then write `outcomes` on their own (or put their entries back)."""
-        await self._abandon(ahead)
+        """Cancelled or failed while a trip ran ahead (or while lingering): let the trip
+        finish and put back what it claimed, then write `outcomes` on their own (or put
+        their entries back)."""
+        if ahead is not None:
+            await self._abandon(ahead)
         now = self._clock()
         settling = asyncio.ensure_future(
             self._writer.run_in_transaction(lambda conn: store.apply(conn, outcomes, now=now))

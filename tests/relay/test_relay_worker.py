@@ -211,6 +211,37 @@ async def test_a_deep_backlog_goes_out_in_catch_up_batches(setup: Setup) -> None
     assert setup.outbox() == []
 
 
+async def test_readings_committed_while_the_worker_lingers_go_in_one_round(
+    setup: Setup,
+) -> None:
+    await setup.store(FRIDGE, 1)
+    sink = MemorySink("m")
+    worker = setup.worker(sink, batch_size=10, linger=1.0)
+    stepping = asyncio.create_task(worker.step())
+    for count in (1, 2, 3):  # three more commits while it waits, one new reading each
+        await setup.store(TRUCK, count)
+    assert not sink.calls  # still lingering
+    await stepping
+    assert sink.calls == 1 and sink.message_ids == ["r-1", "r-2", "r-3", "r-4"]
+    assert setup.outbox() == []
+
+
+async def test_cancelled_while_lingering_writes_what_the_last_batch_earned(
+    setup: Setup,
+) -> None:
+    await setup.store(FRIDGE, 2)
+    sink = MemorySink("m")
+    worker = setup.worker(sink, batch_size=10, linger=0.2)
+    stepping = asyncio.create_task(worker.step())
+    # Once the batch is out, the worker lingers before the trip that would settle it.
+    await wait_until(lambda: sink.message_ids == ["r-1", "r-2"])
+    stepping.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await stepping
+    assert setup.outbox() == []  # delivered, not left in flight for the next start
+    assert worker.stats.sent == 2
+
+
 class HoldingSink(MemorySink):
     """Publishing its first batch, it makes the store writer wait on `gate`: the worker's
     trip run ahead (and the trip settling that batch) cannot commit before the test lets
