@@ -436,6 +436,7 @@ async def serve(
                 port=seat.sock.getsockname()[1] if seat.sock else config.server.port,
                 db=config.store.path,
                 devices=len(gateway.registry),
+                event_loop=type(loop).__module__.split(".")[0],
             )
             tune_gc()
             freezer = asyncio.create_task(gc_freezer(), name="gc.freezer")

@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 import msgspec
 
+from gateway import eventloop
 from gateway.core.rules import RuleConfig, check_rules
 from gateway.errors import ConfigError
 from gateway.relay.config import RelayConfig, RouteConfig, SinkConfig, check_relay
@@ -46,6 +47,10 @@ class ServerConfig:
     #: With several workers: seconds between looks at what the other workers committed
     #: (the delay an observer served by one worker may see for a device posting to another).
     feed_interval: float = 0.05
+    #: The event loop `gateway serve` runs on: "uvloop" (libuv; about a quarter less CPU
+    #: per request, docs/performance.md change 20), "asyncio" (the standard library's), or
+    #: "auto": uvloop where it is installed.
+    event_loop: eventloop.EventLoopChoice = "auto"
 
 
 @dataclass(frozen=True)
@@ -291,6 +296,7 @@ def load_config(
 
 def check_config(config: GatewayConfig) -> None:
     """Cross-field checks that types alone cannot express."""
+    eventloop.resolve(config.server.event_loop)
     if not 0 <= config.server.port <= 65535:
         raise ConfigError("server.port must be 0..65535", key="server.port")
     if config.ingest.max_payload < 16:

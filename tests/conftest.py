@@ -77,8 +77,15 @@ async def coap_upstream() -> AsyncIterator[CoapUpstream]:
     upstream = CoapUpstream()
     site = aiocoap.resource.Site()
     site.add_resource(["ingest"], upstream)
-    port = free_udp_port()
-    context = await aiocoap.Context.create_server_context(site, bind=("127.0.0.1", port))
+    for attempt in range(5):
+        # A port found free may be taken before aiocoap binds it (other tests' sockets).
+        port = free_udp_port()
+        try:
+            context = await aiocoap.Context.create_server_context(site, bind=("127.0.0.1", port))
+            break
+        except OSError:
+            if attempt == 4:
+                raise
     upstream.url = f"coap://127.0.0.1:{port}/ingest"
     try:
         yield upstream

@@ -7,6 +7,7 @@ import socket
 
 import click
 
+from gateway import eventloop
 from gateway.cli import main
 from gateway.cli.common import Failure, config_option, db_option, load_config_or_fail
 from gateway.coap.steering import WorkerSeat
@@ -74,7 +75,7 @@ def serve(
         if worker_seat is not None:
             seat, supervisor = _seat(worker_seat)
             follow_supervisor(supervisor)
-            asyncio.run(serve_gateway(config, seat=seat))
+            eventloop.run(serve_gateway(config, seat=seat), config.server.event_loop)
         elif config.server.workers > 1:
             forwarded = _forwarded(
                 bind=bind,
@@ -89,7 +90,7 @@ def serve(
             if status:
                 raise Failure("a worker failed; see the log")
         else:
-            asyncio.run(serve_gateway(config))
+            eventloop.run(serve_gateway(config), config.server.event_loop)
     except GatewayError as exc:
         raise Failure(str(exc)) from exc
     except OSError as exc:

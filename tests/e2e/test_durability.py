@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from contextlib import suppress
+from pathlib import Path
 
 import aiocoap
 import cbor2
 import pytest
 from aiocoap.numbers.codes import Code
 
+from gateway.config import GatewayConfig
 from tests.support.gateway import GatewayProcess, register
 
 pytestmark = pytest.mark.slow
@@ -63,7 +65,23 @@ async def test_sigkill_loses_no_acknowledged_reading(gateway_process: GatewayPro
     assert acknowledged <= stored, f"lost {len(acknowledged - stored)} acknowledged readings"
 
 
-async def test_sigterm_exits_cleanly(gateway_process: GatewayProcess) -> None:
-    gateway_process.start()
-    assert gateway_process.terminate() == 0
-    gateway_process.wait_for_event("gateway.stopped")
+@pytest.mark.parametrize("event_loop", ["uvloop", "asyncio"])
+async def test_sigterm_exits_cleanly(
+    gateway_config: GatewayConfig, tmp_path: Path, event_loop: str
+) -> None:
+    config_file = tmp_path / "gateway.toml"
+    config_file.write_text(f'[server]\nevent_loop = "{event_loop}"\n')
+    gateway_process = GatewayProcess(gateway_config, config_file=config_file)
+    try:
+        gateway_process.start()
+        (started,) = gateway_process.events_named("gateway.started")
+        assert started["event_loop"] == event_loop
+        client = await aiocoap.Context.create_client_context(transports=["udp6"])
+        try:
+            await register(client, gateway_process.url, "fridge-1", "fridge")
+        finally:
+            await client.shutdown()
+        assert gateway_process.terminate() == 0
+        gateway_process.wait_for_event("gateway.stopped")
+    finally:
+        gateway_process.stop()
