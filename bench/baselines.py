@@ -13,6 +13,8 @@
   answer still goes piggybacked in the ACK), as the gateway sends most of them.
 - `minimal`: an asyncio UDP responder answering every CON with a piggybacked, empty 2.04
   ACK: the ceiling for Python on this machine.
+- `aiocoap-uvloop`: `aiocoap` on uvloop, the event loop the gateway runs on by default: how
+  much of the gateway's lead is the loop's.
 
 - `mqtt-publish` / `mqtt-link-publish` / `jetstream-publish`: not servers but clients:
   publish COUNT messages of the relay's size, 100 in flight at a time as the relay's batches
@@ -216,14 +218,14 @@ async def main(kind: str, port: int) -> None:
         loop.add_signal_handler(signum, stop.set)
     if kind == "minimal":
         await serve_minimal(port, stop)
-    elif kind == "aiocoap":
+    elif kind in ("aiocoap", "aiocoap-uvloop"):
         await serve_aiocoap(port, stop)
     elif kind in ("aiocoap-observe", "aiocoap-observe-non"):
         await serve_aiocoap_observe(port, stop, confirmable=kind == "aiocoap-observe")
     else:
         raise SystemExit(
-            f"unknown baseline {kind!r}: use minimal, aiocoap, aiocoap-observe"
-            " or aiocoap-observe-non"
+            f"unknown baseline {kind!r}: use minimal, aiocoap, aiocoap-uvloop,"
+            " aiocoap-observe or aiocoap-observe-non"
         )
 
 
@@ -239,4 +241,9 @@ if __name__ == "__main__":
         print(f"rate {asyncio.run(publish(int(sys.argv[2]), int(sys.argv[3]))):.1f}", flush=True)
     else:
         pin(int(sys.argv[3]) if len(sys.argv) > 3 else None)
-        asyncio.run(main(sys.argv[1], int(sys.argv[2])))
+        if sys.argv[1].endswith("-uvloop"):
+            import uvloop
+
+            uvloop.run(main(sys.argv[1], int(sys.argv[2])))
+        else:
+            asyncio.run(main(sys.argv[1], int(sys.argv[2])))

@@ -366,7 +366,9 @@ async def sustained_rate(
     A closed loop measures how fast readings are acknowledged, but with the relay on the
     same core the outbox grows meanwhile: that rate cannot be sustained (the outbox bound
     would turn it into 5.03s). Here each probe offers `rate` for the measurement time and
-    counts as kept up when the backlog at its end is under half a second of readings; the
+    counts as kept up when every request was answered 2.04 (none lost), at least 95 % of the
+    offered rate was answered, at most 1 % of the sends were skipped (every device waiting
+    for its answer), and the backlog at its end is under half a second of readings; the
     first probe is the estimate, each further one 15 % lower. Returns the rate and notes.
     """
     rate, notes = estimate, []
@@ -376,12 +378,19 @@ async def sustained_rate(
         acked(server.db, "cbor", gen)
         behind = outbox_depth(server.db)
         await wait_drained(server.db, DRAIN_TIMEOUT)
-        answered = set(stats.codes) == {"2.04"} and not stats.lost and not stats.skipped
+        # Each device has one request in flight at most (CoAP's NSTART 1): a latency blip
+        # can leave every device waiting, and a send is skipped. Up to 1 % of the sends may
+        # be; the rate answered must still be 95 % of the offered.
+        offered = rate * stats.duration
+        answered = (
+            set(stats.codes) == {"2.04"} and not stats.lost and stats.skipped <= 0.01 * offered
+        )
         if answered and stats.rate >= 0.95 * rate and behind <= max(50, 0.5 * rate):
             return stats.rate, notes
         notes.append(
             f"offered {rate:.0f}/s: answered {stats.rate:.0f}/s, codes {dict(stats.codes)},"
-            f" lost {stats.lost}, {behind} entries behind at the end; lower"
+            f" lost {stats.lost}, {stats.skipped} not sent (every device waiting), p99.9"
+            f" {stats.percentile(99.9):.0f} ms, {behind} entries behind at the end; lower"
         )
         rate *= 0.85
     notes.append(f"no probe kept up; reporting the last one ({rate / 0.85:.0f}/s)")
@@ -661,6 +670,9 @@ async def main() -> int:
                     f"bare aiocoap's RSS after its runs: {rss_mb(server.pid):.1f} MB"
                     " (its answer cache for deduplication; figure 4 compares idle servers)"
                 )
+            async with baseline("aiocoap-uvloop", workdir) as server:
+                bare_uvloop, _ = await closed(server.port, CborReadings(names), names)
+                show("bare aiocoap on uvloop", bare_uvloop)
 
         # --- 1 + 2: ingest, store only -----------------------------------------------------
         if wanted("1", "2"):
@@ -688,6 +700,14 @@ async def main() -> int:
                     "readings/s",
                     "minimal UDP responder",
                     minimal.rate,
+                )
+                report.add(
+                    "1",
+                    "readings/s, stored (2.04), no relay",
+                    stored.rate,
+                    "readings/s",
+                    "bare aiocoap Site on uvloop",
+                    bare_uvloop.rate,
                 )
                 report.add(
                     "1",
@@ -807,6 +827,14 @@ async def main() -> int:
                         "readings/s",
                         "bare aiocoap Site",
                         bare.rate,
+                    )
+                    report.add(
+                        "1",
+                        "readings/s, stored + relayed, sustained",
+                        sustained,
+                        "readings/s",
+                        "bare aiocoap Site on uvloop",
+                        bare_uvloop.rate,
                     )
                     for share in (0.5, 0.8):
                         seq0 = 10**6 * int(share * 10)
