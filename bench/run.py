@@ -528,11 +528,12 @@ async def scale(server: Server, prefix: str) -> Scale:
     return Scale(idle, registered, observed, registrations, observations)
 
 
-async def fan_out(server: Server) -> tuple[FanoutStats, LoadGenerator, int]:
-    """FANOUT_OBSERVERS sockets observe one device's `/r/NAME`; the device posts readings
-    one after another (figure 5). Returns the figures, the device's generator and the
-    datagrams dropped meanwhile for full receive buffers (machine-wide)."""
-    name = "fan-00000"
+@contextlib.asynccontextmanager
+async def observed_device(
+    server: Server, name: str
+) -> AsyncIterator[tuple[LoadGenerator, LoadGenerator]]:
+    """A registered device (one socket) and FANOUT_OBSERVERS sockets observing its
+    `/r/NAME`, every observation started; figure 5's set-up."""
     target = ("127.0.0.1", server.port)
     async with (
         LoadGenerator(target, sockets=1) as device,
@@ -547,6 +548,15 @@ async def fan_out(server: Server) -> tuple[FanoutStats, LoadGenerator, int]:
                 f"{server.name}: {started.observations} of {FANOUT_OBSERVERS} observations"
                 f" started: {started.codes}"
             )
+        yield device, observers
+
+
+async def fan_out(server: Server) -> tuple[FanoutStats, LoadGenerator, int]:
+    """FANOUT_OBSERVERS sockets observe one device's `/r/NAME`; the device posts readings
+    one after another (figure 5). Returns the figures, the device's generator and the
+    datagrams dropped meanwhile for full receive buffers (machine-wide)."""
+    name = "fan-00000"
+    async with observed_device(server, name) as (device, observers):
         drops = udp_buffer_drops()
         stats = await fanout(
             device,
@@ -588,13 +598,7 @@ async def fan_out_at(server: Server, rate: float) -> tuple[RateFanout, LoadGener
     readings/s, open loop, for the measurement time; then wait until no notification has
     come for FANOUT_QUIET seconds (at most FANOUT_DRAIN)."""
     name = f"fanrate-{rate:.0f}"
-    target = ("127.0.0.1", server.port)
-    async with (
-        LoadGenerator(target, sockets=1) as device,
-        LoadGenerator(target, sockets=FANOUT_OBSERVERS) as observers,
-    ):
-        await device.run(Registrations([name]), window=1)
-        await observers.run(Observations([name] * FANOUT_OBSERVERS), window=WINDOW)
+    async with observed_device(server, name) as (device, observers):
         watching = observers.notifications.observing
         before = observers.notifications.received
         begin = time.perf_counter()

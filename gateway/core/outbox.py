@@ -198,11 +198,6 @@ class BatchPlanner:
         """Devices seen so far whose later rows cannot go now (in flight, or not yet due)."""
         return frozenset(self._blocked)
 
-    @property
-    def final(self) -> bool:
-        """No later row can change the plan."""
-        return self._final
-
     def offer(self, row: OutboxRow) -> bool:
         """Take the next row (ids ascending); False once the plan is final."""
         if self._final:

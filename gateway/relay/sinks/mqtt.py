@@ -108,7 +108,6 @@ class MqttSink(SinkBase):
             await link.aclose()
             link = await self._open_link()
         self._link = link
-        self._connected = True
         self._log.info("sink.connected", host=self._host, port=self._port)
         link.closed.add_done_callback(functools.partial(self._link_closed, link))
         return link
@@ -133,15 +132,17 @@ class MqttSink(SinkBase):
             raise self.down(self.transient(f"cannot connect to {where}: {exc!r}")) from exc
         return link
 
+    @property
+    def connected(self) -> bool:
+        return self._link is not None and self._link.alive
+
     def _link_closed(self, link: MqttLink, closed: asyncio.Future[str]) -> None:
         # The broker went away between batches: say so now, not at the next batch.
         if link is self._link:
-            self._connected = False
             self._log.warning("sink.disconnected", reason=closed.result())
 
     async def _disconnect(self) -> None:
         link, self._link = self._link, None
-        self._connected = False
         if link is not None:
             # A dead connection cannot say goodbye; do not wait long for it.
             await link.aclose(wait=1.0)
@@ -220,8 +221,8 @@ class MqttSink(SinkBase):
             for index, delivery in enumerate(batch):
                 if not answered[index]:
                     results[index] = self.transient(lost, delivery)
-            # Unanswered publishes mean a broken connection; start afresh next time.
-            link.forget()
+            # Unanswered publishes mean a broken connection; start afresh next time. Closed
+            # at once: a stalled broker would keep a polite DISCONNECT waiting.
             link.abort(lost)
             await self._disconnect()
         return self.record(results)

@@ -152,10 +152,6 @@ class MqttLink:
         # Written only when the loop next runs the writer, so never acknowledged yet.
         self._waiting[info.mid] = acknowledged
 
-    def forget(self) -> None:
-        """Drop the callbacks of publishes still unanswered (their batch gave up)."""
-        self._waiting.clear()
-
     async def aclose(self, wait: float = 1.0) -> None:
         """Say goodbye to the broker if it still listens, then close the socket."""
         if self.alive:
