@@ -822,6 +822,7 @@ async def main() -> int:
                     else:
                         estimate = 0.5 * full.rate
                     sustained, notes = await sustained_rate(server, names, estimate, acked)
+                    relayed_at: dict[float, Stats] = {}
                     for text in notes:
                         report.note(f"sustained rate: {text}")
                     report.add(
@@ -845,6 +846,7 @@ async def main() -> int:
                         stats, gen = await opened(
                             server.port, CborReadings(names, start_seq=seq0), share * sustained
                         )
+                        relayed_at[share] = stats
                         acked(server.db, "cbor", gen)
                         await wait_drained(server.db, DRAIN_TIMEOUT)
                         await asyncio.sleep(0.5)  # the last PUBLISHes reach the subscriber
@@ -882,6 +884,7 @@ async def main() -> int:
                 listening.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await listening
+            await store_only_at(workdir, names, sustained, relayed_at, report, acked)
 
         # --- 4. scale ----------------------------------------------------------------------
         if wanted("4"):
@@ -1173,6 +1176,38 @@ async def fan_out_at_rates(workdir: Path, report: Report, acked: Any) -> None:
             non,
             bare.posts.percentile(99),
         )
+
+
+async def store_only_at(
+    workdir: Path,
+    names: list[str],
+    sustained: float,
+    relayed_at: dict[float, Stats],
+    report: Report,
+    acked: Any,
+) -> None:
+    """Figure 3's loads on a gateway without the relay: which part of the latency is the
+    relay's and which the store's. Like the relaying gateway, it first runs a closed-loop
+    burst, so both keep as many answers for deduplication and hold as large a database."""
+    async with gateway(workdir, "store-at-load") as server:
+        _, gen = await closed(server.port, CborReadings(names), names, register=True)
+        acked(server.db, "cbor", gen)
+        for share, relayed in relayed_at.items():
+            seq0 = 10**6 * int(share * 10)
+            stats, gen = await opened(
+                server.port, CborReadings(names, start_seq=seq0), share * sustained
+            )
+            acked(server.db, "cbor", gen)
+            show(f"gateway at {share:.0%}, store only", stats)
+            for p in (50, 99):
+                report.add(
+                    "3",
+                    f"p{p} device->ack at {share:.0%} load",
+                    relayed.percentile(p),
+                    "ms",
+                    "the same, gateway storing only",
+                    stats.percentile(p),
+                )
 
 
 async def compare_generators(workdir: Path, report: Report) -> None:
