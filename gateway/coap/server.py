@@ -96,6 +96,13 @@ def report_icmp_errors(context: Any) -> int:
     peer, which ends its exchanges and observations at once. Only the rare error path pays
     for this: plain datagrams are still read without ancillary data. Returns how many
     sockets were set up (0 on platforms without RECVERR).
+
+    Only a socket the event loop hands out (asyncio's selector loops) is set up. Under
+    uvloop, libuv reads the socket itself and, seeing RECVERR, reads the error queue too,
+    then hands uvloop the negated errno as an unsigned length: uvloop copies that many
+    bytes (4 GB) and the process dies of a segmentation fault at the first peer that has
+    gone. There such errors stay ignored, as by `simplesocketserver` itself; `udp6` (bound
+    to `::`) reads its own socket and reports them on either loop.
     """
     if not sys.platform.startswith("linux"):
         return 0
@@ -107,9 +114,11 @@ def report_icmp_errors(context: Any) -> int:
         transport = getattr(server_socket, "_transport", None)
         if transport is None or not hasattr(server_socket, "_Address"):
             continue
-        # asyncio hands out a wrapper without recvmsg; the socket itself is `_sock`.
-        wrapper = transport.get_extra_info("socket")
-        sock = getattr(wrapper, "_sock", wrapper)
+        # asyncio hands out a wrapper without recvmsg; the socket itself is `_sock`. uvloop
+        # hands out a stand-in with no socket behind it: leave that socket alone (above).
+        sock = getattr(transport.get_extra_info("socket"), "_sock", None)
+        if not isinstance(sock, socket.socket):
+            continue
         if sock.family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVERR, 1)
         else:
@@ -277,11 +286,19 @@ class CoapServer:
                 transports=self._transports,
                 server_credentials=self._server_credentials,
             )
-        if "simplesocketserver" in self._transports:
+        # udp6 reports ICMP errors by itself; simplesocketserver only where set up here.
+        icmp_errors = "simplesocketserver" not in self._transports or bool(
             report_icmp_errors(self.context)
+        )
         if self._fast_lane is not None:
             self._fast_lane.install(self.context)
-        log.info("coap.listening", bind=self._bind, port=self._port, transports=self._transports)
+        log.info(
+            "coap.listening",
+            bind=self._bind,
+            port=self._port,
+            transports=self._transports,
+            icmp_errors=icmp_errors,
+        )
         return self
 
     async def __aexit__(
