@@ -260,7 +260,7 @@ class RawObserver:
             options += bytes([delta << 4 | len(segment)]) + segment
             delta = 0
         datagram = bytes([0x42, Code.GET, 0x00, 0x01]) + b"ob" + options
-        await asyncio.get_running_loop().sock_sendto(self.sock, datagram, self.address)
+        self.sock.sendto(datagram, self.address)  # a datagram is sent whole or not at all
         return await self.receive()
 
     async def receive(self, within: float = 5.0) -> aiocoap.Message:
@@ -270,7 +270,7 @@ class RawObserver:
             message = aiocoap.Message.decode(data)
             if data[0] >> 4 & 0x3 == 0:  # confirmable: acknowledge (empty ACK, same id)
                 ack = bytes([0x60, 0x00]) + data[2:4]
-                await loop.sock_sendto(self.sock, ack, self.address)
+                self.sock.sendto(ack, self.address)
             if message.code != Code.EMPTY:
                 return message
 

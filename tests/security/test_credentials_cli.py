@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -25,8 +26,12 @@ def gateway_config(tmp_path: Path) -> GatewayConfig:
     return make_config(tmp_path, security={"mode": "authenticated", "reload_interval": 0.1})
 
 
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
+async def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """The CLI in its own process, while this test's event loop (and the gateway on it)
+    keeps running: blocked, it could hold a write transaction open past the CLI's
+    busy timeout."""
+    return await asyncio.to_thread(
+        subprocess.run,
         [sys.executable, "-m", "gateway", *args],
         cwd=REPO_ROOT,
         env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
@@ -41,7 +46,7 @@ async def test_add_then_revoke_from_another_process(
 ) -> None:
     db = gateway_config.store.path
     out = tmp_path / "creds"
-    added = cli(
+    added = await cli(
         "devices",
         "add",
         "fr1",
@@ -69,7 +74,7 @@ async def test_add_then_revoke_from_another_process(
         response = await post(client, gateway_url, "r/fr1", cbor2.dumps({"temp": 3.0}))
         assert response.code == Code.CHANGED
 
-        revoked = cli("devices", "revoke", "fr1", "--db", db)
+        revoked = await cli("devices", "revoke", "fr1", "--db", db)
         assert revoked.returncode == 0, revoked.stderr
         await wait_until(lambda: "fr1" not in gateway.security.contexts.provisioned, within=2)
         with pytest.raises(NotAProtectedMessage) as refused:
@@ -78,5 +83,5 @@ async def test_add_then_revoke_from_another_process(
     finally:
         await client.shutdown()
 
-    again = cli("devices", "revoke", "fr1", "--db", db)
+    again = await cli("devices", "revoke", "fr1", "--db", db)
     assert again.returncode == 3
