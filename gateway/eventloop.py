@@ -30,12 +30,13 @@ def resolve(choice: EventLoopChoice) -> Literal["uvloop", "asyncio"]:
     return choice
 
 
-def loop_factory(choice: EventLoopChoice) -> Callable[[], asyncio.AbstractEventLoop] | None:
+def loop_factory(choice: EventLoopChoice) -> Callable[[], asyncio.AbstractEventLoop]:
     if resolve(choice) == "uvloop":
         import uvloop
 
         return uvloop.new_event_loop
-    return None
+    # The platform's own loop, even where a uvloop policy was installed process-wide.
+    return asyncio.DefaultEventLoopPolicy().new_event_loop
 
 
 def run(main: Coroutine[Any, Any, T], choice: EventLoopChoice) -> T:
