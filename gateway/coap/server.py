@@ -101,8 +101,8 @@ def report_icmp_errors(context: Any) -> int:
     uvloop, libuv reads the socket itself and, seeing RECVERR, reads the error queue too,
     then hands uvloop the negated errno as an unsigned length: uvloop copies that many
     bytes (4 GB) and the process dies of a segmentation fault at the first peer that has
-    gone. There such errors stay ignored, as by `simplesocketserver` itself; `udp6` (bound
-    to `::`) reads its own socket and reports them on either loop.
+    gone. There such errors stay ignored, as by `simplesocketserver` itself (and see
+    `ignore_icmp_errors` for `udp6`).
     """
     if not sys.platform.startswith("linux"):
         return 0
@@ -124,6 +124,30 @@ def report_icmp_errors(context: Any) -> int:
         else:
             sock.setsockopt(socket.IPPROTO_IP, IP_RECVERR, 1)
         server_socket.error_received = _errqueue_reader(server_socket, message_interface, sock)  # type: ignore[union-attr]
+        count += 1
+    return count
+
+
+def ignore_icmp_errors(context: Any) -> int:
+    """Turn off IP(V6)_RECVERR, which aiocoap's `udp6` sets, on the context's sockets.
+
+    For uvloop: `udp6` reads its socket from a reader (`add_reader`), and libuv stops
+    watching a descriptor for good once it reports POLLERR, which a queued ICMP error
+    does. The first peer that had gone (port unreachable) then left the gateway deaf to
+    every device. Without RECVERR the kernel queues no such errors for an unconnected
+    socket: a CON to a peer that has gone is retransmitted until it times out, as with
+    `simplesocketserver`. Returns how many sockets were changed.
+    """
+    count = 0
+    for interface in context.request_interfaces:
+        manager = getattr(interface, "token_interface", None)
+        transport = getattr(getattr(manager, "message_interface", None), "transport", None)
+        sock = transport.get_extra_info("socket") if transport is not None else None
+        if not isinstance(sock, socket.socket):
+            continue
+        if sock.family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVERR, 0)
+        sock.setsockopt(socket.IPPROTO_IP, IP_RECVERR, 0)
         count += 1
     return count
 
@@ -286,10 +310,15 @@ class CoapServer:
                 transports=self._transports,
                 server_credentials=self._server_credentials,
             )
-        # udp6 reports ICMP errors by itself; simplesocketserver only where set up here.
-        icmp_errors = "simplesocketserver" not in self._transports or bool(
-            report_icmp_errors(self.context)
-        )
+        # udp6 reports ICMP errors by itself, simplesocketserver where set up here; neither
+        # can on uvloop (see the two functions).
+        if type(asyncio.get_running_loop()).__module__.startswith("uvloop"):
+            ignore_icmp_errors(self.context)
+            icmp_errors = False
+        else:
+            icmp_errors = "simplesocketserver" not in self._transports or bool(
+                report_icmp_errors(self.context)
+            )
         if self._fast_lane is not None:
             self._fast_lane.install(self.context)
         log.info(
