@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import aiocoap
+import aiocoap.resource
 
 from gateway.errors import PermanentSinkError, TransientSinkError
 from gateway.relay.config import SinkConfig
@@ -65,3 +66,24 @@ async def test_no_upstream_is_transient_not_a_hang() -> None:
         assert time.monotonic() - started < 2.5
         assert not sink.connected
     assert isinstance(result, TransientSinkError)
+
+
+async def test_an_upstream_back_after_being_unreachable_gets_the_next_batch() -> None:
+    """The first POST finds the port closed (ICMP port unreachable); once a server listens
+    there, the next batch is delivered. On uvloop aiocoap's client stops reading its socket
+    after such an error, so the sink must not keep that socket."""
+    port = free_udp_port()
+    url = f"coap://127.0.0.1:{port}/ingest"
+    async with CoapSink(sink_config(url, timeout=1.0)) as sink:
+        (down,) = await publish_batch(sink, deliveries(1))
+        assert isinstance(down, TransientSinkError)
+        upstream = CoapUpstream()
+        site = aiocoap.resource.Site()
+        site.add_resource(["ingest"], upstream)
+        server = await aiocoap.Context.create_server_context(site, bind=("127.0.0.1", port))
+        try:
+            assert await publish_batch(sink, deliveries(2)) == [None, None]
+            assert sink.connected
+        finally:
+            await server.shutdown()
+    assert len(upstream.requests) == 2

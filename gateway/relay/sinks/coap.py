@@ -6,6 +6,11 @@ pack). A 2.xx answer confirms. 4.xx is permanent, except 4.08 and 4.29 which are
 another try; 5.xx, lost requests and network errors are transient. Requests go out one
 after another in batch order; after a transient failure the rest of the batch is not sent
 (it would only wait for the same dead upstream) and is retried later.
+
+After a failure to reach the upstream the client context (its socket) is replaced: on
+uvloop, aiocoap's client stops reading its socket for good after an ICMP error (libuv
+stops watching a descriptor that reports POLLERR), so an upstream that came back would
+never be heard again.
 """
 
 from __future__ import annotations
@@ -38,6 +43,11 @@ class CoapSink(SinkBase):
         context, self._context = self._context, None
         if context is not None:
             await context.shutdown()
+
+    async def _renew(self) -> None:
+        """A fresh client context (see the module doc)."""
+        await self._close()
+        await self._open()
 
     async def publish(self, batch: Sequence[Delivery]) -> Sequence[Result]:
         size = 1 if self._config.mode == "per_reading" else self._config.batch_size
@@ -73,8 +83,10 @@ class CoapSink(SinkBase):
             async with asyncio.timeout(self._config.timeout):
                 response = await self._context.request(request).response
         except TimeoutError as exc:
+            await self._renew()
             raise self.down(self.transient("CoAP upstream did not answer", first)) from exc
         except aiocoap.error.Error as exc:
+            await self._renew()
             raise self.down(self.transient(f"CoAP upstream unreachable: {exc}", first)) from exc
         self._connected = True
         code = response.code
