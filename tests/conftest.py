@@ -12,6 +12,7 @@ Fixtures (all function-scoped, all cleaned up):
 
 from __future__ import annotations
 
+import asyncio
 import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -26,8 +27,14 @@ from gateway.app import Gateway
 from gateway.config import GatewayConfig
 from tests.support.brokers import Mosquitto, NatsServer
 from tests.support.downstreams import CoapUpstream, WebhookServer, free_udp_port
-from tests.support.gateway import GatewayProcess, base_url
+from tests.support.gateway import ON_UVLOOP, GatewayProcess, base_url
 from tests.support.gateway import gateway_config as make_gateway_config
+
+if ON_UVLOOP:
+    import uvloop
+
+    # pytest-asyncio makes every test's loop from the process-wide policy.
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -25,6 +25,9 @@ from gateway.config import GatewayConfig, config_from_mapping
 from tests.support.downstreams import free_udp_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+#: The event loop in-process tests run on: asyncio's own, unless TEST_EVENT_LOOP=uvloop
+#: (`make test` runs the suite on both; uvloop is what `gateway serve` picks by default).
+ON_UVLOOP = os.environ.get("TEST_EVENT_LOOP", "asyncio") == "uvloop"
 
 
 def gateway_config(tmp_path: Path, **sections: dict[str, Any]) -> GatewayConfig:
