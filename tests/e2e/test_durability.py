@@ -69,9 +69,9 @@ async def test_sigkill_loses_no_acknowledged_reading(gateway_process: GatewayPro
 async def test_sigterm_exits_cleanly(
     gateway_config: GatewayConfig, tmp_path: Path, event_loop: str
 ) -> None:
-    config_file = tmp_path / "gateway.toml"
-    config_file.write_text(f'[server]\nevent_loop = "{event_loop}"\n')
-    gateway_process = GatewayProcess(gateway_config, config_file=config_file)
+    gateway_process = GatewayProcess.with_settings(
+        gateway_config, tmp_path, f'[server]\nevent_loop = "{event_loop}"\n'
+    )
     try:
         gateway_process.start()
         (started,) = gateway_process.events_named("gateway.started")

@@ -104,9 +104,11 @@ async def test_peers_gone_before_their_answer_do_not_bring_the_gateway_down(
     error used to kill the process bound to one address (simplesocketserver: SIGSEGV in
     uvloop, reading libuv's error-queue report as a 4 GB datagram), and to leave it deaf
     to every device on `::` (udp6, the default: libuv stopped watching the socket)."""
-    config_file = tmp_path / "gateway.toml"
-    config_file.write_text(f'[server]\nevent_loop = "{event_loop}"\ntransport = "{transport}"\n')
-    process = GatewayProcess(gateway_config, config_file=config_file)
+    process = GatewayProcess.with_settings(
+        gateway_config,
+        tmp_path,
+        f'[server]\nevent_loop = "{event_loop}"\ntransport = "{transport}"\n',
+    )
     try:
         process.start()
         (listening,) = process.events_named("coap.listening")
@@ -136,12 +138,12 @@ async def test_flood_of_garbage_on_uvloop_then_correct_answers(
     """The flood above against `gateway serve` on its default loop (uvloop, where
     installed), whose UDP code is libuv's rather than asyncio's; half of it from sockets
     closed at once, so the answers come back as ICMP errors."""
-    config_file = tmp_path / "gateway.toml"
     # Without rate limits, as in `gateway_config`: every datagram reaches the parser.
-    config_file.write_text(
-        '[server]\nevent_loop = "uvloop"\n[security]\nsource_rate = 0\ndevice_rate = 0\n'
+    process = GatewayProcess.with_settings(
+        gateway_config,
+        tmp_path,
+        '[server]\nevent_loop = "uvloop"\n[security]\nsource_rate = 0\ndevice_rate = 0\n',
     )
-    process = GatewayProcess(gateway_config, config_file=config_file)
     target = ("127.0.0.1", gateway_config.server.port)
     try:
         process.start()

@@ -71,10 +71,11 @@ def relaying_workers(
     tmp_path: Path, mosquitto: Mosquitto, **sections: dict[str, Any]
 ) -> GatewayProcess:
     """Two workers relaying every reading to `mosquitto`; `sections` add to the config file."""
-    config_file = tmp_path / "gateway.toml"
     sink = {"name": "broker", "type": "mqtt", "url": mosquitto.url}
-    config_file.write_text(toml({"sinks": [sink], "routes": [{"sink": "broker"}], **sections}))
-    return GatewayProcess(gateway_config(tmp_path), config_file=config_file, workers=WORKERS)
+    settings = toml({"sinks": [sink], "routes": [{"sink": "broker"}], **sections})
+    return GatewayProcess.with_settings(
+        gateway_config(tmp_path), tmp_path, settings, workers=WORKERS
+    )
 
 
 def served_by(process: GatewayProcess, event: str, device: str) -> set[int]:
@@ -295,10 +296,10 @@ async def test_rules_on_worker_0_decide_on_readings_stored_by_the_other(
     tmp_path: Path,
 ) -> None:
     config = gateway_config(tmp_path)
-    config_file = tmp_path / "gateway.toml"
     rule = {"kind": "threshold", "name": "warm", "measurement": "temp", "above": 8.0}
-    config_file.write_text(toml({"rules": [rule]}))
-    process = GatewayProcess(config, config_file=config_file, workers=WORKERS)
+    process = GatewayProcess.with_settings(
+        config, tmp_path, toml({"rules": [rule]}), workers=WORKERS
+    )
     try:
         process.start()
         async with client_on_worker(1) as device:

@@ -236,18 +236,13 @@ async def test_outbox_survives_sigkill_and_drains_after_restart(
     tmp_path: Path, mosquitto: Mosquitto, coap_client: aiocoap.Context
 ) -> None:
     config = gateway_config(tmp_path)
-    config_file = tmp_path / "gateway.toml"
-    config_file.write_text(
-        toml(
-            {
-                "sinks": [{"name": "broker", "type": "mqtt", "url": mosquitto.url, "timeout": 2.0}],
-                "routes": [{"sink": "broker"}],
-                "relay": {"retry": FAST_RETRY},
-            }
-        )
-    )
+    settings = {
+        "sinks": [{"name": "broker", "type": "mqtt", "url": mosquitto.url, "timeout": 2.0}],
+        "routes": [{"sink": "broker"}],
+        "relay": {"retry": FAST_RETRY},
+    }
+    process = GatewayProcess.with_settings(config, tmp_path, toml(settings))
     mosquitto.stop()
-    process = GatewayProcess(config, config_file=config_file)
     try:
         process.start()
         await register(coap_client, process.url, "fridge-1", "fridge")

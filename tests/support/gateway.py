@@ -100,6 +100,16 @@ async def post(
 class GatewayProcess:
     """`python -m gateway serve` as a child process, its JSON log lines collected."""
 
+    @classmethod
+    def with_settings(
+        cls, config: GatewayConfig, tmp_path: Path, toml: str, *, workers: int = 1
+    ) -> GatewayProcess:
+        """One whose config file holds `toml`: what its command line does not carry (bind,
+        port and database come from `config`)."""
+        config_file = tmp_path / "gateway.toml"
+        config_file.write_text(toml)
+        return cls(config, config_file=config_file, workers=workers)
+
     def __init__(
         self, config: GatewayConfig, *, config_file: Path | None = None, workers: int = 1
     ) -> None:
