@@ -178,7 +178,9 @@ async def test_mqtt5_broker_refusing_a_reading_makes_a_dead_letter_until_replaye
             for name in ("fridge-1", "fridge-2"):
                 await register(coap_client, url, name, "fridge")
                 assert (await send_temp(coap_client, url, name, 5.0, 1)).code == Code.CHANGED
-            await wait_until(lambda: stats.sent == 1 and stats.dead == 1)
+            # The gateway may have its PUBACK before the subscriber has the message, and the
+            # other way round: wait for both.
+            await wait_until(lambda: stats.sent == 1 and stats.dead == 1 and collector.ids())
             assert collector.ids() == {"r-1"}
             listed = await asyncio.to_thread(
                 CliRunner().invoke, cli, ["relay", "dead-letters", "list", "--json", "--db", db]
@@ -197,8 +199,7 @@ async def test_mqtt5_broker_refusing_a_reading_makes_a_dead_letter_until_replaye
                 CliRunner().invoke, cli, ["relay", "dead-letters", "replay", "--all", "--db", db]
             )
             assert replay.exit_code == 0, replay.output
-            await wait_until(lambda: "r-2" in collector.ids())
-            assert stats.sent == 2
+            await wait_until(lambda: "r-2" in collector.ids() and stats.sent == 2)
     finally:
         broker.stop()
 

@@ -39,7 +39,8 @@ async def stop(node: Node, task: asyncio.Task[None]) -> None:
 async def test_node_registers_and_posts_readings() -> None:
     async with coap_server() as (gw, rec), fridge_node(gw) as node:
         task = await run_node(node)
-        await wait_for(lambda: len(rec.readings) >= 3)
+        # The server records a reading before its answer reaches the node: wait for both.
+        await wait_for(lambda: len(rec.readings) >= 3 and node.stats.acknowledged >= 3)
         await stop(node, task)
     reg = rec.registrations[0]
     assert reg["query"] == {"ep": "fridge-1", "et": "fridge", "lt": "300"}

@@ -73,10 +73,17 @@ class FakeDevice:
         site = aiocoap.resource.Site()
         site.add_resource(["state"], self._state)
         site.add_resource(["light"], LightResource(self))
-        self.port = port or free_udp_port()
-        self.context = await aiocoap.Context.create_server_context(
-            site, bind=("127.0.0.1", self.port)
-        )
+        for attempt in range(5):
+            self.port = port or free_udp_port()
+            try:
+                self.context = await aiocoap.Context.create_server_context(
+                    site, bind=("127.0.0.1", self.port)
+                )
+                break
+            except OSError:
+                # A port found free may be taken before aiocoap binds it (other sockets).
+                if port is not None or attempt == 4:
+                    raise
         return self
 
     async def stop(self) -> None:

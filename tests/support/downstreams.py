@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import socket
 from dataclasses import dataclass, field
 from typing import Any
@@ -70,6 +71,28 @@ class CoapUpstream(aiocoap.resource.Resource):  # type: ignore[misc]
 
 
 def free_udp_port() -> int:
+    """A UDP port free on 127.0.0.1, below the kernel's ephemeral range.
+
+    A port the kernel handed out (bind to 0) goes back to its pool when the socket closes,
+    and the next client socket of another test may get it before the caller binds it.
+    Below that range only ports bound on purpose are taken, and this one was free."""
+    low = _ephemeral_low()
+    for _ in range(100):
+        port = random.randrange(max(1024, low - 12_000), low)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as ranges:
+            return max(int(ranges.read().split()[0]), 2048)
+    except (OSError, ValueError, IndexError):
+        return 32_768
