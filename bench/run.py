@@ -464,6 +464,15 @@ async def opened(port: int, workload: Any, rate: float) -> tuple[Stats, LoadGene
     return stats, gen
 
 
+async def loaded_at(
+    port: int, names: list[str], share: float, sustained: float
+) -> tuple[Stats, LoadGenerator]:
+    """Figure 3: an open loop at `share` of the sustained rate, its readings numbered apart
+    from every other run's on the same gateway."""
+    first_seq = 10**6 * int(share * 10)
+    return await opened(port, CborReadings(names, start_seq=first_seq), share * sustained)
+
+
 class Subscriber:
     """An MQTT subscriber noting when each relayed (device, seq) first arrives."""
 
@@ -870,10 +879,7 @@ async def main() -> int:
                         bare_uvloop.rate,
                     )
                     for share in (0.5, 0.8):
-                        seq0 = 10**6 * int(share * 10)
-                        stats, gen = await opened(
-                            server.port, CborReadings(names, start_seq=seq0), share * sustained
-                        )
+                        stats, gen = await loaded_at(server.port, names, share, sustained)
                         relayed_at[share] = stats
                         acked(server.db, "cbor", gen)
                         await wait_drained(server.db, DRAIN_TIMEOUT)
@@ -1221,10 +1227,7 @@ async def store_only_at(
         _, gen = await closed(server.port, CborReadings(names), names, register=True)
         acked(server.db, "cbor", gen)
         for share, relayed in relayed_at.items():
-            seq0 = 10**6 * int(share * 10)
-            stats, gen = await opened(
-                server.port, CborReadings(names, start_seq=seq0), share * sustained
-            )
+            stats, gen = await loaded_at(server.port, names, share, sustained)
             acked(server.db, "cbor", gen)
             show(f"gateway at {share:.0%}, store only", stats)
             for p in (50, 99):

@@ -22,6 +22,7 @@ from typing import Any
 import aiosqlite
 import structlog
 
+from gateway import eventloop
 from gateway.coap.alerts import AlertsResource, ListNamesResource, ListsResource
 from gateway.coap.commands import CommandsResource
 from gateway.coap.fastlane import ReadingsFastLane
@@ -436,7 +437,7 @@ async def serve(
                 port=seat.sock.getsockname()[1] if seat.sock else config.server.port,
                 db=config.store.path,
                 devices=len(gateway.registry),
-                event_loop=type(loop).__module__.split(".")[0],
+                event_loop=eventloop.running(),
             )
             tune_gc()
             freezer = asyncio.create_task(gc_freezer(), name="gc.freezer")

@@ -30,6 +30,11 @@ def resolve(choice: EventLoopChoice) -> Literal["uvloop", "asyncio"]:
     return choice
 
 
+def running() -> str:
+    """The name of the package whose loop runs this code: "uvloop" or "asyncio"."""
+    return type(asyncio.get_running_loop()).__module__.split(".")[0]
+
+
 def loop_factory(choice: EventLoopChoice) -> Callable[[], asyncio.AbstractEventLoop]:
     if resolve(choice) == "uvloop":
         import uvloop

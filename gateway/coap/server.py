@@ -20,6 +20,7 @@ import os
 import socket
 import struct
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -34,6 +35,7 @@ from aiocoap.transports.udp6 import MessageInterfaceUDP6
 from aiocoap.util import hostportjoin
 from aiocoap.util.linkformat import Link, LinkFormat
 
+from gateway import eventloop
 from gateway.coap.base import route
 from gateway.coap.fastlane import ReadingsFastLane
 from gateway.core.readings import CF_CBOR, CF_JSON, CF_LINK_FORMAT, CF_SENML_CBOR, CF_SENML_JSON
@@ -107,9 +109,7 @@ def report_icmp_errors(context: Any) -> int:
     if not sys.platform.startswith("linux"):
         return 0
     count = 0
-    for interface in context.request_interfaces:
-        manager = getattr(interface, "token_interface", None)
-        message_interface = getattr(manager, "message_interface", None)
+    for message_interface in _message_interfaces(context):
         server_socket = getattr(message_interface, "_pool", None)
         transport = getattr(server_socket, "_transport", None)
         if transport is None or not hasattr(server_socket, "_Address"):
@@ -139,9 +139,8 @@ def ignore_icmp_errors(context: Any) -> int:
     `simplesocketserver`. Returns how many sockets were changed.
     """
     count = 0
-    for interface in context.request_interfaces:
-        manager = getattr(interface, "token_interface", None)
-        transport = getattr(getattr(manager, "message_interface", None), "transport", None)
+    for message_interface in _message_interfaces(context):
+        transport = getattr(message_interface, "transport", None)
         sock = transport.get_extra_info("socket") if transport is not None else None
         if not isinstance(sock, socket.socket):
             continue
@@ -150,6 +149,15 @@ def ignore_icmp_errors(context: Any) -> int:
         sock.setsockopt(socket.IPPROTO_IP, IP_RECVERR, 0)
         count += 1
     return count
+
+
+def _message_interfaces(context: Any) -> Iterator[Any]:
+    """The message layer of each of the context's transports (where it has one)."""
+    for interface in context.request_interfaces:
+        manager = getattr(interface, "token_interface", None)
+        message_interface = getattr(manager, "message_interface", None)
+        if message_interface is not None:
+            yield message_interface
 
 
 def _errqueue_reader(server_socket: Any, message_interface: Any, sock: Any) -> Any:
@@ -312,7 +320,7 @@ class CoapServer:
             )
         # udp6 reports ICMP errors by itself, simplesocketserver where set up here; neither
         # can on uvloop (see the two functions).
-        if type(asyncio.get_running_loop()).__module__.startswith("uvloop"):
+        if eventloop.running() == "uvloop":
             ignore_icmp_errors(self.context)
             icmp_errors = False
         else:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import socket
 import sqlite3
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiocoap
@@ -94,6 +96,19 @@ def well_known_core_request(message_id: int) -> bytes:
     return bytes(message.encode())
 
 
+@contextlib.asynccontextmanager
+async def still_serving_after(process: GatewayProcess) -> AsyncIterator[aiocoap.Context]:
+    """A client of the started `process`; when the block is done, the process must still
+    be running and stop cleanly at SIGTERM."""
+    client = await aiocoap.Context.create_client_context(transports=["udp6"])
+    try:
+        yield client
+    finally:
+        await client.shutdown()
+    assert process.running
+    assert process.terminate() == 0
+
+
 @pytest.mark.parametrize("transport", ["simplesocketserver", "udp6"])
 @pytest.mark.parametrize("event_loop", ["uvloop", "asyncio"])
 async def test_peers_gone_before_their_answer_do_not_bring_the_gateway_down(
@@ -120,14 +135,9 @@ async def test_peers_gone_before_their_answer_do_not_bring_the_gateway_down(
         for message_id in range(20):
             with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as gone:
                 gone.sendto(well_known_core_request(message_id), target)
-        client = await aiocoap.Context.create_client_context(transports=["udp6"])
-        try:
+        async with still_serving_after(process) as client:
             for name in ("fridge-1", "fridge-2"):
                 await register(client, process.url, name, "fridge")
-        finally:
-            await client.shutdown()
-        assert process.running
-        assert process.terminate() == 0
     finally:
         process.stop()
 
@@ -147,8 +157,7 @@ async def test_flood_of_garbage_on_uvloop_then_correct_answers(
     target = ("127.0.0.1", gateway_config.server.port)
     try:
         process.start()
-        client = await aiocoap.Context.create_client_context(transports=["udp6"])
-        try:
+        async with still_serving_after(process) as client:
             await register(client, process.url, "victim", "fridge")
             with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
                 for index, datagram in enumerate(garbage(3000)):
@@ -164,10 +173,6 @@ async def test_flood_of_garbage_on_uvloop_then_correct_answers(
                 client, process.url, "r/victim", cbor2.dumps({"temp": 5.5, "seq": 10_000})
             )
             assert response.code == Code.CHANGED
-        finally:
-            await client.shutdown()
-        assert process.running
-        assert process.terminate() == 0
     finally:
         process.stop()
     with sqlite3.connect(gateway_config.store.path) as conn:

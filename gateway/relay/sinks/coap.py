@@ -82,12 +82,10 @@ class CoapSink(SinkBase):
             # cancellation and drops the cancellation, so a stopping worker kept running.
             async with asyncio.timeout(self._config.timeout):
                 response = await self._context.request(request).response
-        except TimeoutError as exc:
+        except (TimeoutError, aiocoap.error.Error) as exc:
             await self._renew()
-            raise self.down(self.transient("CoAP upstream did not answer", first)) from exc
-        except aiocoap.error.Error as exc:
-            await self._renew()
-            raise self.down(self.transient(f"CoAP upstream unreachable: {exc}", first)) from exc
+            reason = "did not answer" if isinstance(exc, TimeoutError) else f"unreachable: {exc}"
+            raise self.down(self.transient(f"CoAP upstream {reason}", first)) from exc
         self._connected = True
         code = response.code
         if code.is_successful():
