@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from device_sim.cli import load_scenario
-from tests.sim.coap_server import free_udp_port
+from tests.support.downstreams import free_udp_port
 
 ROOT = Path(__file__).resolve().parents[2]
 

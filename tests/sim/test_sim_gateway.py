@@ -21,8 +21,8 @@ from aiocoap import Message
 from aiocoap.numbers.codes import Code
 
 from device_sim.coap import Addr, Endpoint, RequestError, Transmission
-from tests.sim.coap_server import free_udp_port
 from tests.sim_fixtures import StartFleet
+from tests.support.downstreams import free_udp_port
 
 pytest.importorskip("gateway.app", reason="the gateway is not in this tree yet")
 

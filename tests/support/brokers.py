@@ -16,16 +16,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Self
 
+from tests.support.downstreams import free_port
 from tests.support.tls import Certificates
 
 MOSQUITTO = "/usr/sbin/mosquitto"
 NATS_SERVER = "/usr/sbin/nats-server"
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _accepts(port: int, banner: bytes | None) -> bool:

@@ -71,7 +71,11 @@ class CoapUpstream(aiocoap.resource.Resource):  # type: ignore[misc]
 
 
 def free_udp_port() -> int:
-    """A UDP port free on 127.0.0.1, below the kernel's ephemeral range.
+    return free_port(socket.SOCK_DGRAM)
+
+
+def free_port(kind: int = socket.SOCK_STREAM) -> int:
+    """A port of `kind` (TCP by default) free on 127.0.0.1, below the kernel's ephemeral range.
 
     A port the kernel handed out (bind to 0) goes back to its pool when the socket closes,
     and the next client socket of another test may get it before the caller binds it.
@@ -79,13 +83,13 @@ def free_udp_port() -> int:
     low = _ephemeral_low()
     for _ in range(100):
         port = random.randrange(max(1024, low - 12_000), low)
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        with socket.socket(socket.AF_INET, kind) as sock:
             try:
                 sock.bind(("127.0.0.1", port))
             except OSError:
                 continue
         return port
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+    with socket.socket(socket.AF_INET, kind) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
 
