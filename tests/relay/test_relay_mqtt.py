@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import signal
 import socket
+import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -20,6 +23,7 @@ from gateway.relay.config import SinkConfig
 from gateway.relay.envelope import Encoding, decode
 from gateway.relay.sinks.base import publish_batch
 from gateway.relay.sinks.mqtt import TCP_QUICKACK, MqttSink
+from gateway.relay.sinks.mqtt_link import MqttLink
 from tests.relay.messages import deliveries
 from tests.support.brokers import Mosquitto, free_port
 from tests.support.gateway import wait_until
@@ -278,3 +282,22 @@ async def test_reads_from_the_broker_are_acknowledged_at_once(mosquitto: Mosquit
     quick = [o for o in recording.options if o == (socket.IPPROTO_TCP, TCP_QUICKACK, 1)]
     assert quick, "no TCP_QUICKACK after reading the PUBACKs"
     assert len(quick) == len(recording.options)
+
+
+def test_a_link_collected_after_its_event_loop_closed_is_quiet(
+    mosquitto: Mosquitto, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # paho closes its socket again when the client is collected, which tells the link, on
+    # whatever thread the collector runs: once failed an unrelated test that ran later.
+    async def connect_and_abort() -> None:
+        link = MqttLink("127.0.0.1", mosquitto.port)
+        await link.connect(2.0)
+        link.abort("done")
+
+    asyncio.run(connect_and_abort())
+    unraisable: list[Any] = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    collector = threading.Thread(target=gc.collect)
+    collector.start()
+    collector.join()
+    assert not [u.exc_value for u in unraisable]

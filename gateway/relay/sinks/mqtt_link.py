@@ -213,7 +213,10 @@ class MqttLink:
     def _on_loop(self, fn: Callable[..., None], *args: Any) -> None:
         if threading.get_ident() == self._loop_thread:
             fn(*args)
-        else:
+            return
+        # paho also closes its socket when the client is collected, on whatever thread the
+        # collector runs, perhaps long after the loop closed: then nothing is left to do.
+        with contextlib.suppress(RuntimeError):
             self._loop.call_soon_threadsafe(fn, *args)
 
     def _watch(self, sock: socket.socket) -> None:
