@@ -6,7 +6,7 @@ from gateway.relay.envelope import Encoding, RelayMessage, reading_message
 from gateway.relay.sinks.base import Delivery
 
 
-def message(reading_id: int, device: str = "fridge-1", value: float = 4.5) -> RelayMessage:
+def message(reading_id: int, device: str = "fridge-1", value: float | str = 4.5) -> RelayMessage:
     return reading_message(
         reading_id=reading_id,
         device=device,
@@ -21,10 +21,14 @@ def message(reading_id: int, device: str = "fridge-1", value: float = 4.5) -> Re
 
 
 def deliveries(
-    count: int, *, devices: tuple[str, ...] = ("fridge-1",), encoding: Encoding = Encoding.JSON
+    count: int,
+    *,
+    devices: tuple[str, ...] = ("fridge-1",),
+    encoding: Encoding = Encoding.JSON,
+    value: float | str = 4.5,
 ) -> list[Delivery]:
     """`count` deliveries, ids r-1.., devices taken in turn."""
     return [
-        Delivery(message(i, devices[(i - 1) % len(devices)]), encoding, entry_id=i)
+        Delivery(message(i, devices[(i - 1) % len(devices)], value), encoding, entry_id=i)
         for i in range(1, count + 1)
     ]

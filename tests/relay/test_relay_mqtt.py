@@ -284,6 +284,82 @@ async def test_reads_from_the_broker_are_acknowledged_at_once(mosquitto: Mosquit
     assert len(quick) == len(recording.options)
 
 
+class CountingSocket(socket.socket):
+    """The sink's own TCP connection (a duplicate descriptor), counting paho's sends and
+    receives."""
+
+    def __init__(self, real: socket.socket) -> None:
+        super().__init__(real.family, real.type, fileno=os.dup(real.fileno()))
+        self.setblocking(False)
+        self.sends = 0
+        self.receives = 0
+
+    def send(self, data: Any, *rest: Any) -> int:
+        self.sends += 1
+        return super().send(data, *rest)
+
+    def recv(self, size: int, *rest: Any) -> bytes:
+        self.receives += 1
+        return super().recv(size, *rest)
+
+
+@contextlib.contextmanager
+def counting_socket(sink: MqttSink) -> Iterator[CountingSocket]:
+    """The sends and receives paho makes on the connected sink's socket while the block
+    runs."""
+    paho = sink._link.client  # type: ignore[union-attr]
+    real = paho._sock
+    counting = CountingSocket(real)
+    paho._sock = counting
+    try:
+        yield counting
+    finally:
+        paho._sock = real
+        counting.close()
+
+
+async def test_a_batch_is_one_write_and_its_pubacks_few_reads(
+    mosquitto: Mosquitto, subscriber: aiomqtt.Client
+) -> None:
+    # paho by itself writes every PUBLISH alone (one TCP segment for the broker to wake up
+    # for, per message) and reads every PUBACK in three receives (docs/performance.md,
+    # change 21).
+    async with MqttSink(sink_config(mosquitto.url)) as sink:
+        assert await publish_batch(sink, deliveries(1)) == [None]
+        with counting_socket(sink) as counted:
+            assert await publish_batch(sink, deliveries(100)) == [None] * 100
+    assert counted.sends <= 3, f"{counted.sends} writes for 100 messages"
+    assert counted.receives < 50, f"{counted.receives} reads for 100 PUBACKs"
+    got = await receive(subscriber, 101)
+    assert [decode(m.payload, Encoding.JSON).message_id for m in got[1:]] == [
+        f"r-{i}" for i in range(1, 101)
+    ]
+
+
+async def publish_through_a_small_send_buffer(
+    config: SinkConfig, subscriber: aiomqtt.Client
+) -> None:
+    """2 MB through a 4 KB send buffer: the joined writes go out in pieces, and whatever
+    paho already counts as written waits for the socket, ahead of the rest. Every message
+    arrives whole and in order."""
+    value = "0123456789" * 2_000
+    async with MqttSink(config) as sink:
+        assert await publish_batch(sink, deliveries(1)) == [None]
+        sock = sink._link.client.socket()  # type: ignore[union-attr]
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        assert await publish_batch(sink, deliveries(100, value=value)) == [None] * 100
+    got = await receive(subscriber, 101)
+    messages = [decode(m.payload, Encoding.JSON) for m in got[1:]]
+    assert [m.message_id for m in messages] == [f"r-{i}" for i in range(1, 101)]
+    assert all(m.values[0].value == value for m in messages)
+
+
+async def test_a_batch_larger_than_the_socket_takes_arrives_whole_and_in_order(
+    mosquitto: Mosquitto, subscriber: aiomqtt.Client
+) -> None:
+    await publish_through_a_small_send_buffer(sink_config(mosquitto.url, timeout=10.0), subscriber)
+
+
 def test_a_link_collected_after_its_event_loop_closed_is_quiet(
     mosquitto: Mosquitto, monkeypatch: pytest.MonkeyPatch
 ) -> None:

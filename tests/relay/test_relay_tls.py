@@ -18,7 +18,11 @@ from gateway.relay.sinks.base import publish_batch
 from gateway.relay.sinks.mqtt import TCP_QUICKACK, MqttSink
 from gateway.relay.sinks.nats import NatsSink
 from tests.relay.messages import deliveries
-from tests.relay.test_relay_mqtt import receive, recording_socket
+from tests.relay.test_relay_mqtt import (
+    publish_through_a_small_send_buffer,
+    receive,
+    recording_socket,
+)
 from tests.support.brokers import Mosquitto, NatsServer
 from tests.support.tls import Certificates
 
@@ -35,7 +39,8 @@ def mosquitto_tls(tmp_path: Path, certificates: Certificates) -> Iterator[Mosqui
 
 
 def mqtt_config(url: str, **kw: object) -> SinkConfig:
-    return SinkConfig(name="mqtt", type="mqtt", url=url, timeout=2.0, **kw)  # type: ignore[arg-type]
+    kw.setdefault("timeout", 2.0)
+    return SinkConfig(name="mqtt", type="mqtt", url=url, **kw)  # type: ignore[arg-type]
 
 
 async def test_mqtt_over_tls_verifies_the_broker_and_delivers(
@@ -54,6 +59,19 @@ async def test_mqtt_over_tls_verifies_the_broker_and_delivers(
         assert len(await receive(subscriber, 21)) == 21
     if TCP_QUICKACK is not None:  # the quick ACKs hold over TLS too
         assert recording.options
+
+
+async def test_mqtt_over_tls_a_batch_larger_than_the_socket_takes_arrives_whole(
+    mosquitto_tls: Mosquitto, certificates: Certificates
+) -> None:
+    # TLS asks for a write that would block to be tried again with the same bytes.
+    context = ssl.create_default_context(cafile=str(certificates.ca))
+    async with aiomqtt.Client("127.0.0.1", mosquitto_tls.port, tls_context=context) as subscriber:
+        await subscriber.subscribe("coap-gw/#", qos=1)
+        config = mqtt_config(
+            mosquitto_tls.url, **certificates.sink_options(client=False), timeout=10.0
+        )
+        await publish_through_a_small_send_buffer(config, subscriber)
 
 
 async def test_mqtt_broker_the_sink_cannot_verify_is_transient(mosquitto_tls: Mosquitto) -> None:

@@ -9,7 +9,9 @@ relay needs and aiomqtt does not give:
   quota) still acknowledges it, with a failure code; counting that as delivered would lose
   the message;
 - publishing a batch without a future, an event and a timer per message: a batch is one
-  callback per PUBACK and one wait (docs/performance.md, change 18).
+  callback per PUBACK and one wait (docs/performance.md, change 18);
+- a batch's socket I/O in bulk, and no objects for a PUBACK that says nothing
+  (`BatchingClient`, change 21).
 
 paho calls back on the event loop's thread, except while `connect` runs in a worker thread
 (DNS, TCP and TLS handshakes block); what it asks for from there is handed over with
@@ -24,10 +26,11 @@ import socket
 import ssl
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
@@ -36,6 +39,15 @@ TCP_QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
 KEEPALIVE = 60
 
 Acknowledged = Callable[[ReasonCode], None]
+
+#: A write is sent once this much has gathered, even with more packets queued.
+SEND_AT = 64 * 1024
+#: What one read asks of the socket.
+RECEIVE_UP_TO = 64 * 1024
+PUBLISH_PACKET = 0x30
+#: What every MQTT 3.1.1 PUBACK says; never changed, so shared.
+PUBACK_SUCCESS = ReasonCode(PacketTypes.PUBACK)
+NO_PROPERTIES = Properties(PacketTypes.PUBACK)  # type: ignore[no-untyped-call]
 
 
 class LinkError(Exception):
@@ -57,6 +69,91 @@ def acknowledge_promptly(sock: socket.socket) -> None:
     if TCP_QUICKACK is not None:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, TCP_QUICKACK, 1)
+
+
+class BatchingClient(mqtt.Client):
+    """paho's client, doing a pipelined batch's socket I/O in bulk.
+
+    paho sends each packet with a send() of its own and reads each packet with three
+    recv()s (its type, its length, the rest). A relayed batch of 100 QoS 1 messages was
+    100 sends and 100 TCP segments for the broker to wake up for, then 300 receives for
+    the PUBACKs; and for every MQTT 3.1.1 PUBACK, which carries nothing but a packet id,
+    paho built a `ReasonCode` and a `Properties` object. Together that was about a third
+    of the relay's CPU per message (docs/performance.md, change 21). Here:
+
+    - the PUBLISH packets of one `loop_write` gather into one send, made when paho writes
+      its last queued packet (or `SEND_AT` bytes have gathered); any other packet
+      (CONNECT, PINGREQ, DISCONNECT) is sent at once, after what gathered before it;
+    - reads take up to `RECEIVE_UP_TO` bytes at once and hand them out as paho asks;
+      `unread` says how many are left for the next `loop_read`;
+    - an MQTT 3.1.1 PUBACK is answered with the shared `PUBACK_SUCCESS`.
+
+    These override paho's internal `_sock_send`, `_sock_recv` and `_handle_pubackcomp`
+    (the same in paho 2.1 and 2.2; pyproject.toml keeps paho below 2.3 for that). paho
+    takes a gathered packet as written: if the connection breaks before the send, its
+    PUBACK never comes and the relay sends it again, as for any unanswered message.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._gathered = bytearray()
+        #: A send would block: try the same bytes again (TLS asks for that) before
+        #: gathering more.
+        self._retrying = False
+        self._received = b""
+        self._read_at = 0
+
+    @property
+    def unread(self) -> int:
+        """Bytes received from the socket that paho has not read yet."""
+        return max(0, len(self._received) - self._read_at)
+
+    def _sock_send(self, buf: bytes | bytearray) -> int:
+        gathered = self._gathered
+        if (
+            not self._retrying
+            and buf[0] & 0xF0 == PUBLISH_PACKET
+            and self.want_write()  # more packets follow in this loop_write
+            and len(gathered) + len(buf) < SEND_AT
+        ):
+            gathered += buf
+            return len(buf)
+        before = len(gathered)
+        try:
+            sent = super()._sock_send(gathered + buf if before else buf)
+        except BlockingIOError:
+            self._retrying = True
+            raise
+        self._retrying = False
+        if sent < before:
+            # Not even what paho already counts as written went out: paho keeps `buf`
+            # queued and waits until the socket is writable again.
+            del gathered[:sent]
+            self._retrying = True
+            raise BlockingIOError
+        gathered.clear()
+        return sent - before
+
+    def _sock_recv(self, bufsize: int) -> bytes:
+        start = self._read_at
+        if start >= len(self._received):
+            data = super()._sock_recv(RECEIVE_UP_TO)
+            self._received, start = data, 0
+            if not data:  # the broker closed the connection
+                self._read_at = 0
+                return data
+        self._read_at = start + bufsize
+        return self._received[start : start + bufsize]
+
+    def _handle_pubackcomp(self, cmd: Literal["PUBACK", "PUBCOMP"]) -> MQTTErrorCode:
+        packet = self._in_packet["packet"]
+        if cmd != "PUBACK" or self._protocol == MQTTProtocolVersion.MQTTv5 or len(packet) != 2:
+            return super()._handle_pubackcomp(cmd)
+        mid = (packet[0] << 8) | packet[1]
+        with self._out_message_mutex:
+            if mid in self._out_messages:
+                return self._do_on_publish(mid, PUBACK_SUCCESS, NO_PROPERTIES)
+        return MQTTErrorCode.MQTT_ERR_SUCCESS
 
 
 class MqttLink:
@@ -81,7 +178,7 @@ class MqttLink:
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
         self._host, self._port = host, port
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id or "", protocol=protocol)
+        client = BatchingClient(CallbackAPIVersion.VERSION2, client_id or "", protocol=protocol)
         if username is not None:
             client.username_pw_set(username, password)
         if tls_context is not None:
@@ -251,8 +348,10 @@ class MqttLink:
                 if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or not isinstance(sock, socket.socket):
                     break
                 acknowledge_promptly(sock)
-                # An SSL socket may hold decrypted bytes that the next select will not report.
-                if not (isinstance(sock, ssl.SSLSocket) and sock.pending()):
+                # Bytes already taken from the socket (paho reads a bounded number of
+                # packets per call), or decrypted bytes an SSL socket holds, are not
+                # reported by the next select.
+                if not client.unread and not (isinstance(sock, ssl.SSLSocket) and sock.pending()):
                     break
         except Exception as exc:  # a broken socket, a TLS error: the connection is over
             self.abort(f"read failed: {exc!r}")
