@@ -377,3 +377,15 @@ def test_a_link_collected_after_its_event_loop_closed_is_quiet(
     collector.start()
     collector.join()
     assert not [u.exc_value for u in unraisable]
+
+
+async def test_a_batch_beyond_the_in_flight_bound_arrives_whole_and_in_order(
+    mosquitto: Mosquitto, subscriber: aiomqtt.Client
+) -> None:
+    # 250 messages, 100 in flight at most: paho holds back 150 and sends one per PUBACK.
+    async with MqttSink(sink_config(mosquitto.url, max_in_flight=100)) as sink:
+        assert await publish_batch(sink, deliveries(250)) == [None] * 250
+    got = await receive(subscriber, 250)
+    assert [decode(m.payload, Encoding.JSON).message_id for m in got] == [
+        f"r-{i}" for i in range(1, 251)
+    ]

@@ -86,9 +86,13 @@ class BatchingClient(mqtt.Client):
       (CONNECT, PINGREQ, DISCONNECT) is sent at once, after what gathered before it;
     - reads take up to `RECEIVE_UP_TO` bytes at once and hand them out as paho asks;
       `unread` says how many are left for the next `loop_read`;
-    - an MQTT 3.1.1 PUBACK is answered with the shared `PUBACK_SUCCESS`.
+    - an MQTT 3.1.1 PUBACK is answered with the shared `PUBACK_SUCCESS`;
+    - after each PUBACK paho walks every unacknowledged message, looking for one queued
+      behind the in-flight bound: a batch of n cost n²/2 steps. It walks only when some
+      message is queued.
 
-    These override paho's internal `_sock_send`, `_sock_recv` and `_handle_pubackcomp`
+    These override paho's internal `_sock_send`, `_sock_recv`, `_handle_pubackcomp` and
+    `_update_inflight`
     (the same in paho 2.1 and 2.2; pyproject.toml keeps paho below 2.3 for that). paho
     takes a gathered packet as written: if the connection breaks before the send, its
     PUBACK never comes and the relay sends it again, as for any unanswered message.
@@ -154,6 +158,12 @@ class BatchingClient(mqtt.Client):
             if mid in self._out_messages:
                 return self._do_on_publish(mid, PUBACK_SUCCESS, NO_PROPERTIES)
         return MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    def _update_inflight(self) -> MQTTErrorCode:
+        # Every message of `_out_messages` is in flight unless some wait for a slot.
+        if len(self._out_messages) <= self._inflight_messages:
+            return MQTTErrorCode.MQTT_ERR_SUCCESS
+        return super()._update_inflight()
 
 
 class MqttLink:
