@@ -11,7 +11,8 @@ topic or payload) is permanent and the message goes to the dead letters; any oth
 code is transient. MQTT 3.1.1 has no way to say so: a broker that drops a message it may
 not take (mosquitto's ACLs) still acknowledges it, so watch the broker's log for that.
 
-QoS 0 confirms once the message is written to the socket: at-most-once beyond this point.
+QoS 0 confirms once the message is handed to the batch's socket write: at-most-once beyond
+this point.
 MQTT 5 adds the content type and a `message-id` user property to each PUBLISH.
 """
 
