@@ -119,10 +119,7 @@ def report_icmp_errors(context: Any) -> int:
         sock = getattr(transport.get_extra_info("socket"), "_sock", None)
         if not isinstance(sock, socket.socket):
             continue
-        if sock.family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVERR, 1)
-        else:
-            sock.setsockopt(socket.IPPROTO_IP, IP_RECVERR, 1)
+        _receive_errors(sock, True)
         server_socket.error_received = _errqueue_reader(server_socket, message_interface, sock)  # type: ignore[union-attr]
         count += 1
     return count
@@ -144,11 +141,16 @@ def ignore_icmp_errors(context: Any) -> int:
         sock = transport.get_extra_info("socket") if transport is not None else None
         if not isinstance(sock, socket.socket):
             continue
-        if sock.family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVERR, 0)
-        sock.setsockopt(socket.IPPROTO_IP, IP_RECVERR, 0)
+        _receive_errors(sock, False)
         count += 1
     return count
+
+
+def _receive_errors(sock: socket.socket, on: bool) -> None:
+    """IP(V6)_RECVERR on or off: an IPv6 socket also carries IPv4 (mapped) peers."""
+    if sock.family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVERR, int(on))
+    sock.setsockopt(socket.IPPROTO_IP, IP_RECVERR, int(on))
 
 
 def _message_interfaces(context: Any) -> Iterator[Any]:

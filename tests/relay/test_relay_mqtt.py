@@ -248,15 +248,27 @@ async def test_unreachable_port_is_transient() -> None:
 
 
 class RecordingSocket(socket.socket):
-    """The sink's own TCP connection (a duplicate descriptor), noting the options set."""
+    """The sink's own TCP connection (a duplicate descriptor), noting the options set and
+    counting the sends and receives made through it."""
 
     def __init__(self, real: socket.socket) -> None:
         super().__init__(real.family, real.type, fileno=os.dup(real.fileno()))
+        self.setblocking(False)
         self.options: list[tuple[int, int, int]] = []
+        self.sends = 0
+        self.receives = 0
 
     def setsockopt(self, level: int, option: int, value: Any, *rest: Any) -> None:
         self.options.append((level, option, value))
         super().setsockopt(level, option, value, *rest)
+
+    def send(self, data: Any, *rest: Any) -> int:
+        self.sends += 1
+        return super().send(data, *rest)
+
+    def recv(self, size: int, *rest: Any) -> bytes:
+        self.receives += 1
+        return super().recv(size, *rest)
 
 
 @contextlib.contextmanager
@@ -284,32 +296,13 @@ async def test_reads_from_the_broker_are_acknowledged_at_once(mosquitto: Mosquit
     assert len(quick) == len(recording.options)
 
 
-class CountingSocket(socket.socket):
-    """The sink's own TCP connection (a duplicate descriptor), counting paho's sends and
-    receives."""
-
-    def __init__(self, real: socket.socket) -> None:
-        super().__init__(real.family, real.type, fileno=os.dup(real.fileno()))
-        self.setblocking(False)
-        self.sends = 0
-        self.receives = 0
-
-    def send(self, data: Any, *rest: Any) -> int:
-        self.sends += 1
-        return super().send(data, *rest)
-
-    def recv(self, size: int, *rest: Any) -> bytes:
-        self.receives += 1
-        return super().recv(size, *rest)
-
-
 @contextlib.contextmanager
-def counting_socket(sink: MqttSink) -> Iterator[CountingSocket]:
+def counting_socket(sink: MqttSink) -> Iterator[RecordingSocket]:
     """The sends and receives paho makes on the connected sink's socket while the block
-    runs."""
+    runs (paho's own I/O goes through it, so not for TLS: see `recording_socket`)."""
     paho = sink._link.client  # type: ignore[union-attr]
     real = paho._sock
-    counting = CountingSocket(real)
+    counting = RecordingSocket(real)
     paho._sock = counting
     try:
         yield counting
