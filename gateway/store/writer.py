@@ -61,6 +61,19 @@ UPDATE_LAST_SEEN = "UPDATE devices SET last_seen = ?, address = coalesce(?, addr
 SELECT_LAST_READING_ID = "SELECT coalesce(max(id), 0) FROM readings"
 READING_COLUMNS = "id, device_id, measurement, value, kind, unit, device_time, received_at, seq"
 SELECT_NEW_READINGS = f"SELECT {READING_COLUMNS} FROM readings WHERE id > ? ORDER BY id"
+#: The outbox entries of the readings inserted after id `?`: one per route that takes the
+#: reading (`routes` holds a row per glob combination, hence the GROUP BY), in reading
+#: then route order, so that outbox ids keep the order readings were stored in. Run once
+#: per transaction, after the readings, in the same transaction: a reading acknowledged as
+#: stored is queued for every sink it is routed to, and a duplicate (ignored) queues
+#: nothing. One set-based statement costs SQLite a third of what a trigger per row did.
+ENQUEUE_READINGS = (
+    "INSERT INTO outbox (sink, kind, ref_id, device_id, encoding, first_at, next_attempt_at)"
+    " SELECT r.sink, 'reading', x.id, x.device_id, r.encoding, x.received_at, x.received_at"
+    " FROM readings x JOIN devices d ON d.id = x.device_id"
+    " JOIN routes r ON r.kind = 'reading' AND d.type GLOB r.device_type AND d.name GLOB r.device"
+    " WHERE x.id > ? GROUP BY x.id, r.route ORDER BY x.id, r.route"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -314,6 +327,8 @@ def _insert_and_collect(
     params = _reading_params(batches)
     rows = len(params) // VALUES_PER_ROW
     inserted, last_id = _insert_rows(conn, params)
+    if inserted:
+        conn.execute(ENQUEUE_READINGS, (before,))
     conn.executemany(UPDATE_LAST_SEEN, _last_seen_rows(batches))
     if inserted == rows and last_id == before + rows:
         # No row was a duplicate, so SQLite gave them the ids after `before`, one by one in
@@ -333,8 +348,7 @@ def _insert_rows(conn: sqlite3.Connection, params: list[Any]) -> tuple[int, int 
         size = next(size for size in INSERT_CHUNKS if size <= left)
         end = start + size * VALUES_PER_ROW
         cursor = conn.execute(_insert_statement(size), params[start:end])
-        # `rowcount` counts the rows this statement inserted itself, not those its triggers
-        # insert (outbox entries); `lastrowid` is the last reading's, for the same reason.
+        # An ignored duplicate is not counted; `lastrowid` is the last reading inserted.
         if cursor.rowcount > 0:
             inserted += cursor.rowcount
             last_id = cursor.lastrowid

@@ -239,3 +239,37 @@ async def test_a_failing_thread_op_fails_only_its_caller(db: aiosqlite.Connectio
     async with db.execute("SELECT last_seen FROM devices") as cursor:
         assert await cursor.fetchone() == (100.0,)  # the reading's, not the rolled-back 1
     assert writer.stats.readings == 1
+
+
+async def test_each_new_reading_is_queued_once_per_route_that_takes_it(
+    db: aiosqlite.Connection,
+) -> None:
+    await db.execute("INSERT INTO devices (id, name, type, created_at) VALUES (2, 'f1', 'fr', 0)")
+    # Route 0 takes every device through two globs (one entry all the same); route 1
+    # takes type 'fr' only.
+    await db.executemany(
+        "INSERT INTO routes (route, sink, kind, device_type, device, encoding)"
+        " VALUES (?, ?, 'reading', ?, ?, 'cbor')",
+        [(0, "all", "*", "*"), (0, "all", "*", "f*"), (1, "fridges", "fr", "*")],
+    )
+    fridge = Device(2, "f1", "fr")
+    writer = StoreWriter(db)
+    task = await running(writer)
+    await writer.insert_readings(batch(("t", 1.0, 1), ("h", 2.0, 2), at=100.0))
+    await asyncio.gather(
+        writer.insert_readings(ReadingBatch(fridge, [Measurement("t", 4.0)], 101.0, None)),
+        writer.insert_readings(batch(("t", 1.0, 1), at=102.0)),  # a duplicate: stores nothing
+    )
+    await writer.close()
+    await task
+    async with db.execute(
+        "SELECT sink, kind, ref_id, device_id, encoding, state, attempt, first_at,"
+        " next_attempt_at FROM outbox ORDER BY id"
+    ) as cursor:
+        rows = await cursor.fetchall()
+    assert rows == [
+        ("all", "reading", 1, 1, "cbor", "pending", 0, 100.0, 100.0),
+        ("all", "reading", 2, 1, "cbor", "pending", 0, 100.0, 100.0),
+        ("all", "reading", 3, 2, "cbor", "pending", 0, 101.0, 101.0),
+        ("fridges", "reading", 3, 2, "cbor", "pending", 0, 101.0, 101.0),
+    ]
