@@ -74,54 +74,6 @@ async def depths(conn: aiosqlite.Connection) -> dict[str, int]:
 # the next) as one `StoreWriter.run_in_transaction` call, a single trip to the database
 # thread.
 
-SELECT_WINDOW = (
-    "SELECT id, device_id, state, next_attempt_at FROM outbox WHERE sink = ? ORDER BY id LIMIT ?"
-)
-SELECT_AFTER = (
-    "SELECT id, device_id, state, next_attempt_at FROM outbox WHERE sink = ? AND id > ?{}"
-    " ORDER BY id LIMIT ?"
-)
-#: Further windows a round reads past devices that wait, and how many such devices it
-#: leaves out by name (one bound parameter each: within the 999 of SQLite before 3.32);
-#: beyond either, the round plans with what it has.
-MAX_WINDOWS_PAST_BLOCKED = 4
-MAX_BLOCKED_LEFT_OUT = 900
-
-
-def plan_window(
-    conn: sqlite3.Connection, sink: str, *, now: float, limit: int, window: int
-) -> BatchPlan:
-    """Plan the sink's next batch from its oldest `window` unfinished entries, reading
-    them in id order only as far as the plan needs (see `BatchPlanner`).
-
-    A window taken up by devices that wait (in flight, or for a retry) would hold back
-    every device after it, so while the batch has room the round reads on past it,
-    leaving those devices out of the query: each later row of theirs would be skipped
-    anyway, and a device first met there is still read in id order.
-    """
-    planner = BatchPlanner(now=now, limit=limit)
-    query = SELECT_WINDOW
-    params: tuple[Any, ...] = (sink, window)
-    for _ in range(1 + MAX_WINDOWS_PAST_BLOCKED):
-        read, last_id = 0, 0
-        cursor = conn.execute(query, params)
-        try:
-            for row in cursor:
-                read, last_id = read + 1, row[0]
-                # The planner keys order by device; the device id is as good as its name.
-                state = DeliveryState(row[2])
-                if not planner.offer(OutboxRow(row[0], str(row[1]), state, row[3])):
-                    return planner.plan()
-        finally:
-            cursor.close()
-        blocked = planner.blocked
-        if read < window or len(blocked) > MAX_BLOCKED_LEFT_OUT:
-            break
-        leave_out = f" AND device_id NOT IN ({_marks(len(blocked))})" if blocked else ""
-        query = SELECT_AFTER.format(leave_out)
-        params = (sink, last_id, *(int(device) for device in blocked), window)
-    return planner.plan()
-
 
 @dataclass(frozen=True, slots=True)
 class Entry:
@@ -137,30 +89,80 @@ class Entry:
     first_at: float
 
 
-ENTRY_COLUMNS = "id, sink, kind, ref_id, device_id, encoding, attempt, first_at"
+#: A window's rows carry what a claimed `Entry` needs, then what the planner needs: the
+#: claim then only marks them, with no second read.
+WINDOW_COLUMNS = (
+    "id, sink, kind, ref_id, device_id, encoding, attempt, first_at, state, next_attempt_at"
+)
+SELECT_WINDOW = f"SELECT {WINDOW_COLUMNS} FROM outbox WHERE sink = ? ORDER BY id LIMIT ?"
+SELECT_AFTER = (
+    f"SELECT {WINDOW_COLUMNS} FROM outbox WHERE sink = ? AND id > ?{{}} ORDER BY id LIMIT ?"
+)
+#: Further windows a round reads past devices that wait, and how many such devices it
+#: leaves out by name (one bound parameter each: within the 999 of SQLite before 3.32);
+#: beyond either, the round plans with what it has.
+MAX_WINDOWS_PAST_BLOCKED = 4
+MAX_BLOCKED_LEFT_OUT = 900
+# Enum lookups by value without `EnumType.__call__`, once per row read.
+_STATES = {state.value: state for state in DeliveryState}
+_ENCODINGS = {encoding.value: encoding for encoding in Encoding}
+
+
+def plan_window(
+    conn: sqlite3.Connection, sink: str, *, now: float, limit: int, window: int
+) -> BatchPlan:
+    """Plan the sink's next batch from its oldest `window` unfinished entries, reading
+    them in id order only as far as the plan needs (see `BatchPlanner`).
+
+    A window taken up by devices that wait (in flight, or for a retry) would hold back
+    every device after it, so while the batch has room the round reads on past it,
+    leaving those devices out of the query: each later row of theirs would be skipped
+    anyway, and a device first met there is still read in id order.
+    """
+    return _plan_window(conn, sink, now=now, limit=limit, window=window)[0]
+
+
+def _plan_window(
+    conn: sqlite3.Connection, sink: str, *, now: float, limit: int, window: int
+) -> tuple[BatchPlan, dict[int, Any]]:
+    """`plan_window`, and the rows it read by id."""
+    planner = BatchPlanner(now=now, limit=limit)
+    rows: dict[int, Any] = {}
+    query = SELECT_WINDOW
+    params: tuple[Any, ...] = (sink, window)
+    for _ in range(1 + MAX_WINDOWS_PAST_BLOCKED):
+        read, last_id = 0, 0
+        cursor = conn.execute(query, params)
+        try:
+            for row in cursor:
+                read, last_id = read + 1, row[0]
+                rows[last_id] = row
+                # The planner keys order by device; the device id is as good as its name.
+                offered = OutboxRow(last_id, str(row[4]), _STATES[row[8]], row[9])
+                if not planner.offer(offered):
+                    return planner.plan(), rows
+        finally:
+            cursor.close()
+        blocked = planner.blocked
+        if read < window or len(blocked) > MAX_BLOCKED_LEFT_OUT:
+            break
+        leave_out = f" AND device_id NOT IN ({_marks(len(blocked))})" if blocked else ""
+        query = SELECT_AFTER.format(leave_out)
+        params = (sink, last_id, *(int(device) for device in blocked), window)
+    return planner.plan(), rows
 
 
 def _entry(row: Any) -> Entry:
-    return Entry(row[0], row[1], row[2], row[3], row[4], Encoding(row[5]), row[6], row[7])
+    return Entry(row[0], row[1], row[2], row[3], row[4], _ENCODINGS[row[5]], row[6], row[7])
 
 
-def claim(conn: sqlite3.Connection, ids: Sequence[int]) -> list[Entry]:
-    """pending -> in_flight; returns the entries actually claimed (some may have been
-    dropped meanwhile), in id order."""
-    claimed: list[Entry] = []
+def mark_in_flight(conn: sqlite3.Connection, ids: Sequence[int]) -> None:
+    """pending -> in_flight, in the transaction that planned them (so they are pending)."""
     for part in _chunks(ids):
         conn.execute(
-            f"UPDATE outbox SET state = 'in_flight' WHERE id IN ({_marks(len(part))})"
-            " AND state = 'pending'",
+            f"UPDATE outbox SET state = 'in_flight' WHERE id IN ({_marks(len(part))})",
             part,
         )
-        rows = conn.execute(
-            f"SELECT {ENTRY_COLUMNS} FROM outbox WHERE id IN ({_marks(len(part))})"
-            " AND state = 'in_flight' ORDER BY id",
-            part,
-        ).fetchall()
-        claimed.extend(_entry(row) for row in rows)
-    return claimed
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,8 +180,10 @@ def claim_next(
     conn: sqlite3.Connection, sink: str, *, now: float, limit: int, window: int, gateway: str
 ) -> Claimed:
     """Plan the sink's next batch and claim it, with the messages to send."""
-    plan = plan_window(conn, sink, now=now, limit=limit, window=window)
-    entries = claim(conn, [row.id for row in plan.send]) if plan.send else []
+    plan, rows = _plan_window(conn, sink, now=now, limit=limit, window=window)
+    ids = [row.id for row in plan.send]
+    mark_in_flight(conn, ids)
+    entries = [_entry(rows[entry_id]) for entry_id in ids]
     return Claimed(entries, load_messages(conn, entries, gateway=gateway), plan.wake_at)
 
 

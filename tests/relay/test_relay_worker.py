@@ -153,11 +153,13 @@ def test_reading_past_waiting_devices_plans_as_one_look_at_every_entry(
     # exactly what the planner would with the whole outbox in view.
     conn = sqlite3.connect(":memory:")
     conn.execute(
-        "CREATE TABLE outbox (id INTEGER PRIMARY KEY, sink TEXT, device_id INTEGER,"
-        " state TEXT, next_attempt_at REAL)"
+        "CREATE TABLE outbox (id INTEGER PRIMARY KEY, sink TEXT, kind TEXT, ref_id INTEGER,"
+        " device_id INTEGER, encoding TEXT, attempt INTEGER, first_at REAL, state TEXT,"
+        " next_attempt_at REAL)"
     )
     conn.executemany(
-        "INSERT INTO outbox VALUES (?, 'm', ?, ?, ?)",
+        "INSERT INTO outbox (id, sink, kind, ref_id, device_id, encoding, attempt, first_at,"
+        " state, next_attempt_at) VALUES (?, 'm', 'reading', 0, ?, 'json', 0, 0, ?, ?)",
         [(i, device, state.value, at) for i, (device, state, at) in enumerate(specs, 1)],
     )
     rows = [OutboxRow(i, str(d), state, at) for i, (d, state, at) in enumerate(specs, 1)]
