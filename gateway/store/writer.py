@@ -176,12 +176,22 @@ class StoreWriter:
     async def run(self) -> None:
         """Commit batches until closed and drained. Run it as one long-lived task."""
         while not (self._closing and self._queue.empty()):
-            jobs = [await self._queue.get()]
-            while len(jobs) < self._max_batch and not self._queue.empty():
-                jobs.append(self._queue.get_nowait())
+            first = await self._queue.get()
             # Shielded: a cancelled gateway still finishes the transaction it started, so a
             # request is never left not knowing whether it was committed.
-            await asyncio.shield(self._commit_batch(jobs))
+            await asyncio.shield(self._gather_and_commit(first))
+
+    async def _gather_and_commit(self, first: _Job) -> None:
+        """Commit `first` with whatever else is queued once the event loop has had one more
+        pass: the requests being handled in the same pass as the first one (datagrams read
+        together) join this transaction rather than wait for the next. At saturation that
+        halves the commits, and with them the fsyncs and WAL pages per reading; the cost is
+        one pass of the loop, a few microseconds, against a commit's milliseconds."""
+        await asyncio.sleep(0)
+        jobs = [first]
+        while len(jobs) < self._max_batch and not self._queue.empty():
+            jobs.append(self._queue.get_nowait())
+        await self._commit_batch(jobs)
 
     async def close(self) -> None:
         """Refuse new work and return when everything already queued is committed."""

@@ -273,3 +273,23 @@ async def test_each_new_reading_is_queued_once_per_route_that_takes_it(
         ("all", "reading", 3, 2, "cbor", "pending", 0, 101.0, 101.0),
         ("fridges", "reading", 3, 2, "cbor", "pending", 0, 101.0, 101.0),
     ]
+
+
+async def test_requests_handled_in_the_same_pass_of_the_loop_share_a_commit(
+    db: aiosqlite.Connection,
+) -> None:
+    writer = StoreWriter(db)
+    task = await running(writer)
+    await asyncio.sleep(0)  # the writer waits for its first request
+
+    async def one_pass_later(seq: int) -> None:
+        # Queued in the pass in which the writer wakes up for the first request.
+        await asyncio.sleep(0)
+        await writer.insert_readings(batch(("t", 1.0, seq)))
+
+    await asyncio.gather(
+        writer.insert_readings(batch(("t", 0.0, 0))), *(one_pass_later(i) for i in range(1, 11))
+    )
+    assert (writer.stats.batches, writer.stats.jobs) == (1, 11)
+    await writer.close()
+    await task
