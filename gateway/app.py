@@ -368,8 +368,12 @@ class Gateway:
             await asyncio.sleep(self.config.store.prune_interval)
 
 
-#: Allocations between young-generation collections (CPython's default is 700).
-GC_YOUNG_THRESHOLD = 50_000
+#: Allocations between young-generation collections (CPython's default is 700). A young
+#: collection walks what survived since the last one, so its pause grows with this: at
+#: 5,400 readings/s with the relay, 50,000 gave pauses of 6-16 ms about three times a
+#: second, which stacked with slow commits into 40-90 ms stalls; 20,000 keeps them under
+#: 5 ms for the same throughput (bench/, alternated runs).
+GC_YOUNG_THRESHOLD = 20_000
 #: Seconds between freezes of what survived so far (see `gc_freezer`).
 GC_FREEZE_INTERVAL = 1.0
 #: Seconds between full collections of everything, frozen objects included.
@@ -384,8 +388,9 @@ def tune_gc() -> None:
     thresholds the collector runs hundreds of times a second and its full collections walk
     every cached answer: measured with bench/, that cost a quarter of the throughput and put
     100-300 ms pauses into the p99 latency. Objects made at start-up are frozen (never
-    scanned again) and young collections happen every 50,000 allocations instead of 700;
-    reference counting still frees everything that is not in a cycle at once.
+    scanned again) and young collections happen every `GC_YOUNG_THRESHOLD` allocations
+    instead of 700; reference counting still frees everything that is not in a cycle at
+    once.
     """
     gc.freeze()
     _, middle, old = gc.get_threshold()
