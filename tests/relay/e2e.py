@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import getpass
 import json
+import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +45,21 @@ class PersistentMosquitto(Mosquitto):
     def saved(self) -> bool:
         return (self.workdir / "mosquitto.db").exists()
 
+    def stop(self) -> None:
+        """Stop it with SIGTERM, on which mosquitto saves its sessions before it exits.
+
+        mosquitto acknowledges a QoS 1 PUBLISH before it writes it to disk (every
+        `autosave_interval`), so a SIGKILL can lose messages the broker had already
+        acknowledged to the gateway and not yet handed to the subscriber: the gateway's
+        at-least-once ends at the broker's PUBACK, and these tests check the gateway's.
+        """
+        process = self.process
+        if process is not None and process.poll() is None:
+            process.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=5)
+        super().stop()
+
 
 @dataclass
 class MqttCollector:
@@ -55,19 +71,36 @@ class MqttCollector:
     subscribed: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def run(self) -> None:
+        collector = self
+
+        class RecordOnReceipt(asyncio.Queue[aiomqtt.Message]):
+            """aiomqtt's incoming queue, noting each message as paho hands it over, before
+            paho acknowledges it: aiomqtt drops what is still queued when the connection
+            drops, and the broker would not send it again."""
+
+            def put_nowait(self, message: aiomqtt.Message) -> None:
+                collector.record(message)
+
         while True:
             try:
                 async with aiomqtt.Client(
-                    "127.0.0.1", self.port, identifier="e2e-collector", clean_session=False
+                    "127.0.0.1",
+                    self.port,
+                    identifier="e2e-collector",
+                    clean_session=False,
+                    queue_type=RecordOnReceipt,
                 ) as client:
                     await client.subscribe(self.topic, qos=1)
                     self.subscribed.set()
-                    async for message in client.messages:
-                        body = message.payload
-                        assert isinstance(body, bytes)
-                        self.messages.append((str(message.topic), decode(body, Encoding.JSON)))
+                    async for _ in client.messages:
+                        pass  # nothing is queued: this only ends when the connection drops
             except aiomqtt.MqttError:
                 await asyncio.sleep(0.05)  # the broker is away: try again shortly
+
+    def record(self, message: aiomqtt.Message) -> None:
+        body = message.payload
+        assert isinstance(body, bytes)
+        self.messages.append((str(message.topic), decode(body, Encoding.JSON)))
 
     def ids(self) -> set[str]:
         return {message.message_id for _, message in self.messages}
