@@ -110,22 +110,16 @@ _ENCODINGS = {encoding.value: encoding for encoding in Encoding}
 
 def plan_window(
     conn: sqlite3.Connection, sink: str, *, now: float, limit: int, window: int
-) -> BatchPlan:
+) -> tuple[BatchPlan, dict[int, Any]]:
     """Plan the sink's next batch from its oldest `window` unfinished entries, reading
-    them in id order only as far as the plan needs (see `BatchPlanner`).
+    them in id order only as far as the plan needs (see `BatchPlanner`); the plan, and the
+    rows read by id (what `claim_next` makes its entries of).
 
     A window taken up by devices that wait (in flight, or for a retry) would hold back
     every device after it, so while the batch has room the round reads on past it,
     leaving those devices out of the query: each later row of theirs would be skipped
     anyway, and a device first met there is still read in id order.
     """
-    return _plan_window(conn, sink, now=now, limit=limit, window=window)[0]
-
-
-def _plan_window(
-    conn: sqlite3.Connection, sink: str, *, now: float, limit: int, window: int
-) -> tuple[BatchPlan, dict[int, Any]]:
-    """`plan_window`, and the rows it read by id."""
     planner = BatchPlanner(now=now, limit=limit)
     rows: dict[int, Any] = {}
     query = SELECT_WINDOW
@@ -180,7 +174,7 @@ def claim_next(
     conn: sqlite3.Connection, sink: str, *, now: float, limit: int, window: int, gateway: str
 ) -> Claimed:
     """Plan the sink's next batch and claim it, with the messages to send."""
-    plan, rows = _plan_window(conn, sink, now=now, limit=limit, window=window)
+    plan, rows = plan_window(conn, sink, now=now, limit=limit, window=window)
     ids = [row.id for row in plan.send]
     mark_in_flight(conn, ids)
     entries = [_entry(rows[entry_id]) for entry_id in ids]

@@ -165,7 +165,7 @@ def test_reading_past_waiting_devices_plans_as_one_look_at_every_entry(
     rows = [OutboxRow(i, str(d), state, at) for i, (d, state, at) in enumerate(specs, 1)]
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(store, "MAX_WINDOWS_PAST_BLOCKED", len(specs) + 1)
-        planned = store.plan_window(conn, "m", now=10.0, limit=limit, window=window)
+        planned, _ = store.plan_window(conn, "m", now=10.0, limit=limit, window=window)
     assert planned == plan_batch(rows, now=10.0, limit=limit)
 
 
