@@ -73,7 +73,8 @@ def migrations() -> list[Migration]:
 async def open_database(
     path: str | Path, *, synchronous: str = "full", readonly: bool = False
 ) -> aiosqlite.Connection:
-    """A connection in autocommit mode (transactions are explicit), WAL, foreign keys on."""
+    """A connection in autocommit mode (transactions are explicit), WAL, foreign keys on;
+    a writable one keeps its temporary data (statement journals) in memory."""
     try:
         if readonly:
             if not Path(path).exists():
@@ -89,6 +90,12 @@ async def open_database(
         if not readonly:
             await conn.execute("PRAGMA journal_mode = WAL")
             await conn.execute(f"PRAGMA synchronous = {synchronous.upper()}")
+            # With foreign keys checked, every multi-row write keeps a statement journal,
+            # to undo just that statement on a violation. In SQLite's default temp store
+            # (files) that cost about 6 us more per stored reading than in memory, even
+            # though it never reached the disk; a writer's statements are small (retention
+            # deletes in chunks), so memory it is. Not durability: that is the WAL's.
+            await conn.execute("PRAGMA temp_store = MEMORY")
     except sqlite3.Error as exc:
         raise StoreError(f"cannot open database {path}: {exc}") from exc
     return conn
