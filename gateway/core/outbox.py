@@ -15,7 +15,7 @@ import enum
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from gateway.errors import GatewayError
 
@@ -123,9 +123,13 @@ class Outcome(enum.StrEnum):
     PERMANENT = "permanent"
 
 
-@dataclass(frozen=True)
-class Settlement:
-    """The new state of an entry after an attempt; the store writes exactly this."""
+class Settlement(NamedTuple):
+    """The new state of an entry after an attempt; the store writes exactly this.
+
+    A named tuple, as are `OutboxRow`, the relay's `Entry`, `Outcome` and `Delivery`, and
+    the envelope's `Value`: one of each is built for every relayed message, and a frozen
+    dataclass takes two to three times as long to build (docs/performance.md, change 26).
+    """
 
     state: DeliveryState
     attempt: int
@@ -158,8 +162,7 @@ def settle(
     return Settlement(check_transition(_S.IN_FLIGHT, _S.PENDING), made, retry_at)
 
 
-@dataclass(frozen=True, slots=True)
-class OutboxRow:
+class OutboxRow(NamedTuple):
     """What the planner needs to know about one outbox entry of one sink.
 
     `id` grows in commit order, so sorting by it is the order readings were stored.

@@ -20,7 +20,7 @@ import math
 import string
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import cbor2
 
@@ -67,8 +67,7 @@ _CONTENT_FORMATS = {
 }
 
 
-@dataclass(frozen=True)
-class Value:
+class Value(NamedTuple):
     name: str
     value: Scalar
     unit: str | None = None

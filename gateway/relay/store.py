@@ -12,7 +12,7 @@ import json
 import sqlite3
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import aiosqlite
 
@@ -75,8 +75,7 @@ async def depths(conn: aiosqlite.Connection) -> dict[str, int]:
 # thread.
 
 
-@dataclass(frozen=True, slots=True)
-class Entry:
+class Entry(NamedTuple):
     """A claimed outbox entry."""
 
     id: int
@@ -264,8 +263,7 @@ def event_message(
     )
 
 
-@dataclass(frozen=True, slots=True)
-class Outcome:
+class Outcome(NamedTuple):
     """What to write for one claimed entry."""
 
     entry: Entry

@@ -23,9 +23,8 @@ the earlier one.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from types import TracebackType
-from typing import Protocol, Self
+from typing import NamedTuple, Protocol, Self
 
 import structlog
 
@@ -37,8 +36,7 @@ log = structlog.get_logger(__name__)
 Result = SinkError | None
 
 
-@dataclass(frozen=True, slots=True)
-class Delivery:
+class Delivery(NamedTuple):
     """One message for one sink, as the worker hands it over."""
 
     message: RelayMessage
