@@ -58,6 +58,15 @@ def garbage(count: int, seed: int = 1234) -> list[bytes]:
     return datagrams
 
 
+# Two garbled datagrams that pass as requests with the same token (the empty one, say) from
+# the one socket: aiocoap's token layer lets the second override the first, cancelling the
+# task that renders the first. Read in the same pass of the loop, that task is cancelled
+# before its first step, and the render coroutine it was to await is never awaited. aiocoap's
+# own, harmless, a matter of timing (once in a dozen runs here): this warning alone is let
+# through.
+@pytest.mark.filterwarnings(
+    "ignore:coroutine 'Context._render_to_pipe' was never awaited:RuntimeWarning"
+)
 async def test_flood_of_garbage_then_correct_answers(
     gateway: Gateway, gateway_url: str, coap_client: aiocoap.Context, gateway_config
 ) -> None:
