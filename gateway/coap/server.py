@@ -37,6 +37,7 @@ from aiocoap.util.linkformat import Link, LinkFormat
 
 from gateway import eventloop
 from gateway.coap.base import route
+from gateway.coap.dedup import CompactDeduplication
 from gateway.coap.fastlane import ReadingsFastLane
 from gateway.core.readings import CF_CBOR, CF_JSON, CF_LINK_FORMAT, CF_SENML_CBOR, CF_SENML_JSON
 
@@ -309,6 +310,8 @@ class CoapServer:
         #: of binding `bind`:`port`.
         self._sock = sock
         self.context: Any = None
+        #: One per message manager of the context (UDP and DTLS), while it serves.
+        self.deduplication: list[CompactDeduplication] = []
 
     async def __aenter__(self) -> CoapServer:
         if self._sock is not None:
@@ -329,6 +332,7 @@ class CoapServer:
             icmp_errors = "simplesocketserver" not in self._transports or bool(
                 report_icmp_errors(self.context)
             )
+        self.deduplication = CompactDeduplication.install(self.context)
         if self._fast_lane is not None:
             self._fast_lane.install(self.context)
         log.info(
@@ -348,6 +352,9 @@ class CoapServer:
     ) -> None:
         if self._fast_lane is not None:
             await self._fast_lane.aclose()
+        for deduplication in self.deduplication:
+            deduplication.close()
+        self.deduplication = []
         if self.context is not None:
             await self.context.shutdown()
             self.context = None
