@@ -2,7 +2,8 @@
 
 `SecurityLayer` is what the gateway enters: it loads the live OSCORE contexts from the store
 and keeps them current, and `wrap(site)` returns the root resource the CoAP server serves:
-aiocoap's `OscoreSiteWrapper` around the `Guard` around the gateway's site.
+aiocoap's `OscoreSiteWrapper` (checked for malformed options first) around the `Guard` around
+the gateway's site.
 """
 
 from __future__ import annotations
@@ -14,14 +15,13 @@ from typing import Any
 
 import aiosqlite
 import structlog
-from aiocoap.oscore_sitewrapper import OscoreSiteWrapper
 
 from gateway.config import SecurityConfig
 from gateway.errors import ConfigError
 from gateway.registry import Registry
 from gateway.security.contexts import SecurityContexts
 from gateway.security.guard import Guard
-from gateway.security.hardening import install_option_decoding_fix
+from gateway.security.hardening import CheckedOscoreSiteWrapper, install_option_decoding_fix
 
 log = structlog.get_logger(__name__)
 
@@ -105,4 +105,4 @@ class SecurityLayer:
             owner_of=self._owner_of,
             is_live=self.contexts.is_live,
         )
-        return OscoreSiteWrapper(self.guard, self.contexts.credentials)
+        return CheckedOscoreSiteWrapper(self.guard, self.contexts.credentials)

@@ -7,13 +7,20 @@ exception in the transport's read callback (found by tests/fuzz/test_fuzz_coap.p
 §3.2 makes such an option malformed, so the message is unparsable: we turn the error into
 `UnparsableMessage`, which the transport already answers by ignoring the datagram (with a
 warning line). Installing is idempotent; remove this once aiocoap handles it.
+
+aiocoap's `OscoreSiteWrapper` lets the `DecodeError` of a malformed OSCORE option (reserved
+flag bits, a truncated Partial IV) escape from its first look at the request: every such
+request was logged as an exception and answered 5.00. RFC 8613 §8.2 asks for 4.02 Bad
+Option, which is what the wrapper itself answers when a later step fails to decode.
+`CheckedOscoreSiteWrapper` answers that before the wrapper runs (found by the same fuzzer).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from aiocoap import error, optiontypes
+from aiocoap import CON, error, optiontypes, oscore
+from aiocoap.oscore_sitewrapper import OscoreSiteWrapper
 
 _MARK = "_gateway_utf8_fix"
 
@@ -31,3 +38,18 @@ def install_option_decoding_fix() -> None:
 
     setattr(decode, _MARK, True)
     optiontypes.StringOption.decode = decode
+
+
+class CheckedOscoreSiteWrapper(OscoreSiteWrapper):  # type: ignore[misc]
+    async def render_to_pipe(self, pipe: Any) -> None:
+        request = pipe.request
+        if request.opt.oscore is not None:
+            try:
+                oscore.verify_start(request)
+            except oscore.NotAProtectedMessage:
+                pass
+            except oscore.DecodeError as exc:
+                if request.mtype == CON:
+                    raise error.BadOption("Malformed OSCORE option") from exc
+                return  # a NON gets no error answer, as the wrapper does for its own
+        await super().render_to_pipe(pipe)

@@ -192,3 +192,37 @@ async def test_flood_of_garbage_on_uvloop_then_correct_answers(
             "SELECT count(*) FROM readings WHERE measurement='temp' AND (value < -40 OR value > 60)"
         ).fetchone()
     assert (last, out_of_range) == (5.5, 0)
+
+
+@pytest.mark.parametrize("option", [b"\xe0", b"\x07", b"\x03\x01"])
+async def test_a_malformed_oscore_option_gets_4_02(
+    gateway: Gateway, gateway_config: GatewayConfig, option: bytes
+) -> None:
+    """Reserved flag bits, a reserved Partial IV length, a Partial IV cut short: RFC 8613
+    §8.2 answers 4.02 Bad Option (aiocoap alone logged an exception and answered 5.00)."""
+    message = aiocoap.Message(
+        code=Code.POST,
+        _mid=0x0BAD,
+        _mtype=aiocoap.CON,
+        _token=b"os",
+        uri_path=("r", "victim"),
+        oscore=option,
+        payload=b"\x00" * 9,
+    )
+    loop = asyncio.get_running_loop()
+    answers: asyncio.Queue[bytes] = asyncio.Queue()
+
+    class Device(asyncio.DatagramProtocol):
+        def datagram_received(self, data: bytes, addr: object) -> None:
+            answers.put_nowait(data)
+
+    transport, _ = await loop.create_datagram_endpoint(
+        Device, remote_addr=("127.0.0.1", gateway_config.server.port)
+    )
+    try:
+        transport.sendto(bytes(message.encode()))
+        answer = aiocoap.Message.decode(await asyncio.wait_for(answers.get(), 5))
+    finally:
+        transport.close()
+    assert answer.code == Code.BAD_OPTION and answer.mid == 0x0BAD
+    assert b"OSCORE" in answer.payload
