@@ -4,9 +4,11 @@ never processed twice) for as long as RFC 7252 asks, and then forgets."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+import pytest
 from aiocoap.message import Message
 from aiocoap.numbers.codes import Code
 from aiocoap.numbers.constants import TransportTuning
@@ -55,6 +57,14 @@ class _Log:
 class Context:
     def __init__(self, manager: Manager) -> None:
         self.request_interfaces = [type("TokenManager", (), {"token_interface": manager})()]
+
+
+@pytest.fixture
+async def installed() -> AsyncIterator[tuple[Manager, CompactDeduplication]]:
+    manager = Manager()
+    (dedup,) = CompactDeduplication.install(Context(manager))
+    yield manager, dedup
+    dedup.close()
 
 
 def incoming(mid: int, mtype: Any = CON, peer: Peer = Peer("127.0.0.1", 5683)) -> Message:
@@ -128,68 +138,62 @@ def test_answers_are_kept_only_for_remembered_messages() -> None:
     assert recent.answer("x") == b"\x60\x44\x00\x01"
 
 
-async def test_a_duplicate_is_answered_with_the_same_bytes_and_not_processed() -> None:
-    manager = Manager()
-    (dedup,) = CompactDeduplication.install(Context(manager))
-    try:
-        request = incoming(0x1234)
-        assert manager._deduplicate_message(request) is False
-        # Retransmitted before the answer is ready: dropped, nothing to send yet.
-        assert manager._deduplicate_message(incoming(0x1234)) is True
-        assert manager.sent == []
-        answer = ack(request)
-        manager._store_response_for_duplicates(answer)
-        assert manager._deduplicate_message(incoming(0x1234)) is True
-        (again,) = manager.sent
-        assert again.encode() == answer.encode()
-        assert again.remote == request.remote
-        # Another peer's message with the same id is a new message.
-        assert manager._deduplicate_message(incoming(0x1234, peer=Peer("::1", 1))) is False
-        # A NON duplicate is dropped without an answer.
-        assert manager._deduplicate_message(incoming(7, NON)) is False
-        assert manager._deduplicate_message(incoming(7, NON)) is True
-        assert len(manager.sent) == 1
-    finally:
-        dedup.close()
+async def test_a_duplicate_is_answered_with_the_same_bytes_and_not_processed(
+    installed: tuple[Manager, CompactDeduplication],
+) -> None:
+    manager, _ = installed
+    request = incoming(0x1234)
+    assert manager._deduplicate_message(request) is False
+    # Retransmitted before the answer is ready: dropped, nothing to send yet.
+    assert manager._deduplicate_message(incoming(0x1234)) is True
+    assert manager.sent == []
+    answer = ack(request)
+    manager._store_response_for_duplicates(answer)
+    assert manager._deduplicate_message(incoming(0x1234)) is True
+    (again,) = manager.sent
+    assert again.encode() == answer.encode()
+    assert again.remote == request.remote
+    # Another peer's message with the same id is a new message.
+    assert manager._deduplicate_message(incoming(0x1234, peer=Peer("::1", 1))) is False
+    # A NON duplicate is dropped without an answer.
+    assert manager._deduplicate_message(incoming(7, NON)) is False
+    assert manager._deduplicate_message(incoming(7, NON)) is True
+    assert len(manager.sent) == 1
 
 
-async def test_only_acks_and_resets_are_kept_and_only_as_bytes() -> None:
+async def test_only_acks_and_resets_are_kept_and_only_as_bytes(
+    installed: tuple[Manager, CompactDeduplication],
+) -> None:
     """A kept `Message` would hold its request, payload and all, for four minutes."""
-    manager = Manager()
-    (dedup,) = CompactDeduplication.install(Context(manager))
-    try:
-        request = incoming(1)
-        manager._deduplicate_message(request)
-        separate = Message(code=Code.CHANGED, payload=b"", _mtype=CON, _mid=1)
-        separate.remote = request.remote
-        manager._store_response_for_duplicates(separate)  # our own CON, same id by chance
-        assert dedup.recent.answer((request.remote, 1)) is None
-        manager._store_response_for_duplicates(ack(request))
-        assert dedup.recent.answer((request.remote, 1)) == ack(request).encode()
-    finally:
-        dedup.close()
+    manager, dedup = installed
+    request = incoming(1)
+    manager._deduplicate_message(request)
+    separate = Message(code=Code.CHANGED, payload=b"", _mtype=CON, _mid=1)
+    separate.remote = request.remote
+    manager._store_response_for_duplicates(separate)  # our own CON, same id by chance
+    assert dedup.recent.answer((request.remote, 1)) is None
+    manager._store_response_for_duplicates(ack(request))
+    assert dedup.recent.answer((request.remote, 1)) == ack(request).encode()
 
 
-async def test_messages_are_forgotten_after_their_exchange_lifetime() -> None:
-    manager = Manager()
-    (dedup,) = CompactDeduplication.install(Context(manager))
-    try:
-        all_forgotten = asyncio.Event()
-        forget_expired = dedup.recent.forget_expired
+async def test_messages_are_forgotten_after_their_exchange_lifetime(
+    installed: tuple[Manager, CompactDeduplication],
+) -> None:
+    manager, dedup = installed
+    all_forgotten = asyncio.Event()
+    forget_expired = dedup.recent.forget_expired
 
-        def forgetting(now: float) -> float | None:
-            next_due = forget_expired(now)
-            if not len(dedup.recent):
-                all_forgotten.set()
-            return next_due
+    def forgetting(now: float) -> float | None:
+        next_due = forget_expired(now)
+        if not len(dedup.recent):
+            all_forgotten.set()
+        return next_due
 
-        dedup.recent.forget_expired = forgetting  # type: ignore[method-assign]
-        first = incoming(9)
-        first.transport_tuning = ShortLived()
-        assert manager._deduplicate_message(first) is False
-        assert manager._deduplicate_message(incoming(9)) is True
-        await asyncio.wait_for(all_forgotten.wait(), 5)
-        # The same id from the same peer after the lifetime is a new message.
-        assert manager._deduplicate_message(incoming(9)) is False
-    finally:
-        dedup.close()
+    dedup.recent.forget_expired = forgetting  # type: ignore[method-assign]
+    first = incoming(9)
+    first.transport_tuning = ShortLived()
+    assert manager._deduplicate_message(first) is False
+    assert manager._deduplicate_message(incoming(9)) is True
+    await asyncio.wait_for(all_forgotten.wait(), 5)
+    # The same id from the same peer after the lifetime is a new message.
+    assert manager._deduplicate_message(incoming(9)) is False
