@@ -109,10 +109,18 @@ class Gateway:
     async def _start(self) -> None:
         config = self.config
         stack = self._stack
-        self.db = await open_database(config.store.path, synchronous=config.store.synchronous)
+        self.db = await open_database(
+            config.store.path,
+            synchronous=config.store.synchronous,
+            wal_autocheckpoint=config.store.wal_autocheckpoint,
+        )
         stack.push_async_callback(self.db.close)
         await migrate(self.db)
-        self.reader = await open_database(config.store.path, synchronous=config.store.synchronous)
+        self.reader = await open_database(
+            config.store.path,
+            synchronous=config.store.synchronous,
+            wal_autocheckpoint=config.store.wal_autocheckpoint,
+        )
         stack.push_async_callback(self.reader.close)
 
         self.writer = StoreWriter(

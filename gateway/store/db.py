@@ -71,10 +71,15 @@ def migrations() -> list[Migration]:
 
 
 async def open_database(
-    path: str | Path, *, synchronous: str = "full", readonly: bool = False
+    path: str | Path,
+    *,
+    synchronous: str = "full",
+    readonly: bool = False,
+    wal_autocheckpoint: int | None = None,
 ) -> aiosqlite.Connection:
     """A connection in autocommit mode (transactions are explicit), WAL, foreign keys on;
-    a writable one keeps its temporary data (statement journals) in memory."""
+    a writable one keeps its temporary data (statement journals) in memory, and checkpoints
+    after `wal_autocheckpoint` WAL pages (None: SQLite's default, 1,000)."""
     try:
         if readonly:
             if not Path(path).exists():
@@ -96,6 +101,8 @@ async def open_database(
             # though it never reached the disk; a writer's statements are small (retention
             # deletes in chunks), so memory it is. Not durability: that is the WAL's.
             await conn.execute("PRAGMA temp_store = MEMORY")
+            if wal_autocheckpoint is not None:
+                await conn.execute(f"PRAGMA wal_autocheckpoint = {int(wal_autocheckpoint)}")
     except sqlite3.Error as exc:
         raise StoreError(f"cannot open database {path}: {exc}") from exc
     return conn

@@ -43,6 +43,7 @@ def test_defaults_without_a_file() -> None:
     ("text", "key"),
     [
         ("[store]\nmax_batch = 'x'\n", "store.max_batch"),
+        ("[store]\nwal_autocheckpoint = 0\n", "store.wal_autocheckpoint"),
         ("[stor]\n", "stor"),
         ("[ingest]\nauto_registr = true\n", "ingest.auto_registr"),
         ("[server]\nport = 70000\n", "server.port"),
