@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import gc
 import signal
 import time
@@ -109,18 +110,16 @@ class Gateway:
     async def _start(self) -> None:
         config = self.config
         stack = self._stack
-        self.db = await open_database(
+        store = functools.partial(
+            open_database,
             config.store.path,
             synchronous=config.store.synchronous,
             wal_autocheckpoint=config.store.wal_autocheckpoint,
         )
+        self.db = await store()
         stack.push_async_callback(self.db.close)
         await migrate(self.db)
-        self.reader = await open_database(
-            config.store.path,
-            synchronous=config.store.synchronous,
-            wal_autocheckpoint=config.store.wal_autocheckpoint,
-        )
+        self.reader = await store()
         stack.push_async_callback(self.reader.close)
 
         self.writer = StoreWriter(

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from typing import Any
 
 from aiocoap.message import Direction, Message
@@ -69,11 +69,12 @@ class RecentMessages:
         buckets.append((forget_at, [key]))
         return forget_at if len(buckets) == 1 else None
 
-    def record_answer(self, key: Hashable, encoded: bytes) -> bool:
-        """Keep `encoded` as the answer to `key`, if `key` is remembered."""
+    def record_answer(self, key: Hashable, encode: Callable[[], bytes]) -> bool:
+        """Keep `encode()` as the answer to `key`, if `key` is remembered (only then is
+        the answer encoded: most messages sent answer nothing remembered)."""
         if key not in self._answers:
             return False
-        self._answers[key] = encoded
+        self._answers[key] = encode()
         return True
 
     def forget_expired(self, now: float) -> float | None:
@@ -154,9 +155,7 @@ class CompactDeduplication:
         """Keep what answers a remembered request (its ACK, piggybacked or empty, or a
         RST) as bytes: a `Message` would hold the whole request too."""
         if message.mtype is ACK or message.mtype is RST:
-            key = (message.remote, message.mid)
-            if key in self.recent:
-                self.recent.record_answer(key, bytes(message.encode()))
+            self.recent.record_answer((message.remote, message.mid), message.encode)
 
     def _forget_expired(self) -> None:
         self._timer = None

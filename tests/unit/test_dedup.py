@@ -130,11 +130,11 @@ def test_timers_are_asked_for_only_by_the_first_waiting_bucket() -> None:
 
 def test_answers_are_kept_only_for_remembered_messages() -> None:
     recent = RecentMessages()
-    assert not recent.record_answer("x", b"\x60\x44\x00\x01")
+    assert not recent.record_answer("x", lambda: b"\x60\x44\x00\x01")
     assert "x" not in recent
     recent.remember("x", 1.0)
     assert recent.answer("x") is None
-    assert recent.record_answer("x", b"\x60\x44\x00\x01")
+    assert recent.record_answer("x", lambda: b"\x60\x44\x00\x01")
     assert recent.answer("x") == b"\x60\x44\x00\x01"
 
 
