@@ -355,7 +355,7 @@ async def wait_for_line(log: Path, text: str, count: int, within: float = 15.0) 
 def outbox_depth(db: Path) -> int:
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
     try:
-        return int(conn.execute("SELECT count(*) FROM outbox").fetchone()[0])
+        return int(conn.execute("SELECT count(*) FROM relay_queue").fetchone()[0])
     finally:
         conn.close()
 

@@ -6,7 +6,7 @@ raising `ConfigError` with the offending key (`sinks[1].url`, `routes[0].sink`).
 `relay_setup_from_mapping` does both for the relay part alone (tests, dry runs).
 
 Route globs (`devices`, `device_types`) use shell-style, case-sensitive matching, which is
-what SQLite's GLOB does, so the outbox statements (`ENQUEUE_READINGS`, the events trigger)
+what SQLite's GLOB does, so the relay's statements (the readings' stream, the events trigger)
 and `RouteConfig.matches` agree.
 """
 

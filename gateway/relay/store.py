@@ -1,4 +1,10 @@
-"""The relay's SQL: routes, the outbox, dead letters and the status table.
+"""The relay's SQL: routes, the readings' cursors, the outbox, dead letters and status.
+
+A sink's readings come from two places, read in one round: its outbox (retries, readings
+held back behind an earlier entry of their device, events) and the routed readings after
+its cursor in `relay_cursors` (migration 0008 says why). `pos` orders the two: an outbox
+entry is due only once the cursor has passed the readings stored before it, and a reading
+after the cursor goes out only if its device has no earlier entry in the outbox.
 
 Functions taking a connection run inside the caller's transaction (the store writer's, or
 the CLI's own); the writer-side ones change state only along `gateway.core.outbox`'s table.
@@ -9,9 +15,10 @@ Nothing here reads the clock: `now` comes in.
 from __future__ import annotations
 
 import json
+import math
 import sqlite3
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import aiosqlite
@@ -38,8 +45,32 @@ def _marks(count: int) -> str:
 # ---------------------------------------------------------------- start-up
 
 
+#: The routed readings of sink `?` after reading id `?`, as outbox entries (one per reading
+#: and route, in reading then route order, like the rows of the `relay_queue` view).
+QUEUE_AFTER_CURSOR = (
+    "INSERT INTO outbox (sink, kind, ref_id, device_id, encoding, first_at, next_attempt_at,"
+    " pos) SELECT r.sink, 'reading', x.id, x.device_id, r.encoding, x.received_at,"
+    " x.received_at, 2 * x.id FROM readings x JOIN devices d ON d.id = x.device_id"
+    " JOIN routes r ON r.sink = ? AND r.kind = 'reading' AND d.type GLOB r.device_type"
+    " AND d.name GLOB r.device WHERE x.id > ? GROUP BY x.id, r.route ORDER BY x.id, r.route"
+)
+
+
 async def sync_routes(conn: aiosqlite.Connection, routes: Sequence[RouteConfig]) -> None:
-    """Replace the routes table with the configured routes (one row per glob combination)."""
+    """Replace the routes table with the configured routes (one row per glob combination),
+    and keep the cursors in step: a sink routed for the first time starts at the end of
+    `readings` (it relays what is stored from now on); a sink no longer routed gets the
+    readings its cursor had not reached queued in its outbox, by the routes as they were,
+    and loses its cursor, so that what it was owed is kept (as the outbox keeps entries of
+    a sink no longer configured) and retention is not held back by a cursor that never
+    moves again."""
+    routed = {route.sink for route in routes}
+    async with conn.execute("SELECT sink, reading_id FROM relay_cursors") as cursor:
+        cursors = [(row[0], row[1]) for row in await cursor.fetchall()]
+    for sink, reading_id in cursors:
+        if sink not in routed:
+            await conn.execute(QUEUE_AFTER_CURSOR, (sink, reading_id))
+            await conn.execute("DELETE FROM relay_cursors WHERE sink = ?", (sink,))
     await conn.execute("DELETE FROM routes")
     rows = {
         (index, route.sink, kind, device_type, device, route.encoding)
@@ -53,6 +84,11 @@ async def sync_routes(conn: aiosqlite.Connection, routes: Sequence[RouteConfig])
         " VALUES (?, ?, ?, ?, ?, ?)",
         sorted(rows),
     )
+    await conn.executemany(
+        "INSERT OR IGNORE INTO relay_cursors (sink, reading_id)"
+        " SELECT ?, coalesce(max(id), 0) FROM readings",
+        [(sink,) for sink in sorted(routed)],
+    )
 
 
 async def release_all(conn: aiosqlite.Connection) -> int:
@@ -64,7 +100,9 @@ async def release_all(conn: aiosqlite.Connection) -> int:
 
 
 async def depths(conn: aiosqlite.Connection) -> dict[str, int]:
-    async with conn.execute("SELECT sink, count(*) FROM outbox GROUP BY sink") as cursor:
+    """Per sink, what it still has to send: outbox entries and routed readings after its
+    cursor."""
+    async with conn.execute("SELECT sink, count(*) FROM relay_queue GROUP BY sink") as cursor:
         return {row[0]: int(row[1]) for row in await cursor.fetchall()}
 
 
@@ -91,11 +129,12 @@ class Entry(NamedTuple):
 #: A window's rows carry what a claimed `Entry` needs, then what the planner needs: the
 #: claim then only marks them, with no second read.
 WINDOW_COLUMNS = (
-    "id, sink, kind, ref_id, device_id, encoding, attempt, first_at, state, next_attempt_at"
+    "id, sink, kind, ref_id, device_id, encoding, attempt, first_at, state, next_attempt_at, pos"
 )
-SELECT_WINDOW = f"SELECT {WINDOW_COLUMNS} FROM outbox WHERE sink = ? ORDER BY id LIMIT ?"
+SELECT_WINDOW = f"SELECT {WINDOW_COLUMNS} FROM outbox WHERE sink = ? ORDER BY pos, id LIMIT ?"
 SELECT_AFTER = (
-    f"SELECT {WINDOW_COLUMNS} FROM outbox WHERE sink = ? AND id > ?{{}} ORDER BY id LIMIT ?"
+    f"SELECT {WINDOW_COLUMNS} FROM outbox WHERE sink = ? AND (pos, id) > (?, ?){{}}"
+    " ORDER BY pos, id LIMIT ?"
 )
 #: Further windows a round reads past devices that wait, and how many such devices it
 #: leaves out by name (one bound parameter each: within the 999 of SQLite before 3.32);
@@ -108,30 +147,43 @@ _ENCODINGS = {encoding.value: encoding for encoding in Encoding}
 
 
 def plan_window(
-    conn: sqlite3.Connection, sink: str, *, now: float, limit: int, window: int
+    conn: sqlite3.Connection,
+    sink: str,
+    *,
+    now: float,
+    limit: int,
+    window: int,
+    due_to: int | None = None,
 ) -> tuple[BatchPlan, dict[int, Any]]:
     """Plan the sink's next batch from its oldest `window` unfinished entries, reading
-    them in id order only as far as the plan needs (see `BatchPlanner`); the plan, and the
-    rows read by id (what `claim_next` makes its entries of).
+    them in (pos, id) order only as far as the plan needs (see `BatchPlanner`); the plan,
+    and the rows read by id (what `claim_next` makes its entries of).
+
+    An entry whose `pos` is past `due_to` waits for the cursor to pass the readings stored
+    before it (which may still be on their way): it blocks its device like an entry not
+    yet due, and the plan asks to be made again at once.
 
     A window taken up by devices that wait (in flight, or for a retry) would hold back
     every device after it, so while the batch has room the round reads on past it,
     leaving those devices out of the query: each later row of theirs would be skipped
-    anyway, and a device first met there is still read in id order.
+    anyway, and a device first met there is still read in order.
     """
     planner = BatchPlanner(now=now, limit=limit)
+    # Not yet due, and due the moment after now: the worker comes back at once.
+    behind_cursor = math.nextafter(now, math.inf)
     rows: dict[int, Any] = {}
     query = SELECT_WINDOW
     params: tuple[Any, ...] = (sink, window)
     for _ in range(1 + MAX_WINDOWS_PAST_BLOCKED):
-        read, last_id = 0, 0
+        read, last = 0, (0, 0)
         cursor = conn.execute(query, params)
         try:
             for row in cursor:
-                read, last_id = read + 1, row[0]
-                rows[last_id] = row
+                read, last = read + 1, (row[10], row[0])
+                rows[row[0]] = row
+                due = row[9] if due_to is None or row[10] <= due_to else behind_cursor
                 # The planner keys order by device; the device id is as good as its name.
-                offered = OutboxRow(last_id, str(row[4]), _STATES[row[8]], row[9])
+                offered = OutboxRow(row[0], str(row[4]), _STATES[row[8]], due)
                 if not planner.offer(offered):
                     return planner.plan(), rows
         finally:
@@ -141,7 +193,7 @@ def plan_window(
             break
         leave_out = f" AND device_id NOT IN ({_marks(len(blocked))})" if blocked else ""
         query = SELECT_AFTER.format(leave_out)
-        params = (sink, last_id, *(int(device) for device in blocked), window)
+        params = (sink, *last, *(int(device) for device in blocked), window)
     return planner.plan(), rows
 
 
@@ -158,26 +210,134 @@ def mark_in_flight(conn: sqlite3.Connection, ids: Sequence[int]) -> None:
         )
 
 
+class Streamed(NamedTuple):
+    """A routed reading read after the sink's cursor, with its message."""
+
+    reading_id: int
+    device_id: int
+    encoding: Encoding
+    #: When it was received: what `max_age` counts from.
+    first_at: float
+    #: Its device has an earlier entry in the outbox: it is queued behind it, not sent.
+    held: bool
+    message: RelayMessage
+
+
+#: The routed readings after a reading id, in id order, one row per reading and route row
+#: (a route with several globs has several; the caller keeps one per route). CROSS JOIN
+#: keeps `readings` the outer loop, so the rows come in id order without a sort, and LIMIT
+#: stops the scan.
+SELECT_STREAM = (
+    "SELECT x.id, d.name, d.type, x.measurement, x.value, x.kind, x.unit, x.device_time,"
+    " x.received_at, x.seq, x.device_id, r.route, r.encoding,"
+    " EXISTS (SELECT 1 FROM outbox o WHERE o.sink = r.sink AND o.device_id = x.device_id"
+    " AND o.pos < 2 * x.id)"
+    " FROM readings x CROSS JOIN devices d CROSS JOIN routes r"
+    " WHERE x.id > ? AND d.id = x.device_id AND r.sink = ? AND r.kind = 'reading'"
+    " AND d.type GLOB r.device_type AND d.name GLOB r.device ORDER BY x.id LIMIT ?"
+)
+SELECT_CURSOR = "SELECT reading_id FROM relay_cursors WHERE sink = ?"
+ADVANCE_CURSOR = "UPDATE relay_cursors SET reading_id = max(reading_id, ?) WHERE sink = ?"
+
+
+def read_stream(
+    conn: sqlite3.Connection, sink: str, *, after: int, limit: int, gateway: str
+) -> tuple[list[Streamed], int]:
+    """At most `limit` entries (whole readings, but at least one) of the routed readings
+    after reading id `after`; and the reading id they reach: the last one taken, or the last
+    one stored when fewer were found (the readings between are routed elsewhere)."""
+    route_rows = conn.execute(
+        "SELECT count(*) FROM routes WHERE sink = ? AND kind = 'reading'", (sink,)
+    ).fetchone()[0]
+    if route_rows == 0:
+        return [], conn.execute("SELECT coalesce(max(id), ?) FROM readings", (after,)).fetchone()[0]
+    # One row more than the batch can take: a full fetch shows where its last reading ends.
+    fetch = limit * route_rows + 1
+    rows = conn.execute(SELECT_STREAM, (after, sink, fetch)).fetchall()
+    full = len(rows) == fetch
+    streamed: list[Streamed] = []
+    taken = (0, -1)
+    for row in rows:
+        if (row[0], row[11]) == taken:
+            continue  # another glob row of a route already taken
+        # A new reading when the batch is full, or the last reading read, whose rows the
+        # LIMIT may have cut: left for the next round (unless it is the only one).
+        last_read = full and row[0] == rows[-1][0]
+        if streamed and row[0] != taken[0] and (len(streamed) >= limit or last_read):
+            return streamed, streamed[-1].reading_id
+        taken = (row[0], row[11])
+        message = reading_message(
+            reading_id=row[0],
+            device=row[1],
+            device_type=row[2],
+            gateway=gateway,
+            name=row[3],
+            value=value_from_row(row[4], row[5]),
+            unit=row[6],
+            device_time=row[7],
+            received_at=row[8],
+            seq=row[9],
+        )
+        streamed.append(
+            Streamed(row[0], row[10], _ENCODINGS[row[12]], row[8], bool(row[13]), message)
+        )
+    if full and streamed:
+        return streamed, streamed[-1].reading_id
+    last = conn.execute("SELECT coalesce(max(id), 0) FROM readings").fetchone()[0]
+    return streamed, max(last, after)
+
+
 @dataclass(frozen=True, slots=True)
 class Claimed:
-    """What one round claimed: the entries in id order and their messages by entry id
-    (missing where the source row is gone); when nothing was due, `wake_at` is the earliest
-    retry (None: nothing waits)."""
+    """What one round claimed: the outbox entries in (pos, id) order and their messages
+    by entry id (missing where the source row is gone), then the readings read after the
+    cursor, which reach `stream_to` (None: the stream was not read, or its cursor was moved
+    in the round itself, having nothing for the sink). When nothing was due, `wake_at` is
+    the earliest retry (None: nothing waits)."""
 
     entries: list[Entry]
     messages: dict[int, RelayMessage]
     wake_at: float | None
+    streamed: list[Streamed] = field(default_factory=list)
+    stream_to: int | None = None
+
+    @property
+    def empty(self) -> bool:
+        return not self.entries and not self.streamed
 
 
 def claim_next(
-    conn: sqlite3.Connection, sink: str, *, now: float, limit: int, window: int, gateway: str
+    conn: sqlite3.Connection,
+    sink: str,
+    *,
+    now: float,
+    limit: int,
+    window: int,
+    gateway: str,
+    stream_from: int | None = None,
 ) -> Claimed:
-    """Plan the sink's next batch and claim it, with the messages to send."""
-    plan, rows = plan_window(conn, sink, now=now, limit=limit, window=window)
+    """Plan the sink's next batch and claim it, with the messages to send: due outbox
+    entries first (they are older), then readings after the cursor, or after `stream_from`
+    when an earlier batch read up to there is still being published."""
+    row = conn.execute(SELECT_CURSOR, (sink,)).fetchone()
+    cursor = None if row is None else int(row[0])
+    due_to = None if cursor is None else 2 * cursor + 1
+    plan, rows = plan_window(conn, sink, now=now, limit=limit, window=window, due_to=due_to)
     ids = [row.id for row in plan.send]
     mark_in_flight(conn, ids)
     entries = [_entry(rows[entry_id]) for entry_id in ids]
-    return Claimed(entries, load_messages(conn, entries, gateway=gateway), plan.wake_at)
+    messages = load_messages(conn, entries, gateway=gateway)
+    room = limit - len(entries)
+    if cursor is None or room <= 0:
+        return Claimed(entries, messages, plan.wake_at)
+    start = max(cursor, stream_from or 0)
+    streamed, stream_to = read_stream(conn, sink, after=start, limit=room, gateway=gateway)
+    if not streamed and start == cursor:
+        # Nothing for this sink up to there, and nothing before it in flight: moved now.
+        if stream_to > cursor:
+            conn.execute(ADVANCE_CURSOR, (stream_to, sink))
+        return Claimed(entries, messages, plan.wake_at)
+    return Claimed(entries, messages, plan.wake_at, streamed, stream_to)
 
 
 def release(conn: sqlite3.Connection, ids: Sequence[int]) -> None:
@@ -309,14 +469,114 @@ def apply(conn: sqlite3.Connection, outcomes: Sequence[Outcome], *, now: float) 
     conn.executemany("DELETE FROM outbox WHERE id = ?", [(o.entry.id,) for o in dead])
 
 
+class StreamOutcome(NamedTuple):
+    """What to write for one reading published from the stream (or held back)."""
+
+    entry: Streamed
+    #: None: held back, not sent; it is queued in the outbox, due now.
+    settlement: Settlement | None
+    error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Settled:
+    """A published batch's outcomes, for the round that writes them."""
+
+    outcomes: Sequence[Outcome] = ()
+    streamed: Sequence[StreamOutcome] = ()
+    #: Where the batch's readings reached (None: it read none).
+    stream_to: int | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self.outcomes or self.streamed or self.stream_to is not None)
+
+
+NO_OUTCOMES = Settled()
+
+
+def settle(conn: sqlite3.Connection, sink: str, settled: Settled, *, now: float) -> None:
+    """Write a batch's outcomes: its outbox entries' (`apply`), and for the readings read
+    after the cursor, queue in the outbox those to retry or held back, move the dead to the
+    dead letters, and move the cursor past them all. Nothing is written for a reading that
+    was delivered: the cursor passing it is its settlement."""
+    apply(conn, settled.outcomes, now=now)
+    queued: list[tuple[Streamed, int, float | None, str | None]] = []
+    dead: list[StreamOutcome] = []
+    for outcome in settled.streamed:
+        entry, settlement = outcome.entry, outcome.settlement
+        if settlement is None:
+            queued.append((entry, 0, now, None))
+        elif settlement.state is DeliveryState.PENDING:
+            queued.append((entry, settlement.attempt, settlement.next_attempt_at, outcome.error))
+        elif settlement.state is DeliveryState.DEAD:
+            dead.append(outcome)
+    conn.executemany(
+        "INSERT INTO outbox (sink, kind, ref_id, device_id, encoding, attempt, first_at,"
+        " next_attempt_at, last_error, pos) VALUES (?, 'reading', ?, ?, ?, ?, ?, ?, ?, ?)",
+        [
+            (
+                sink,
+                e.reading_id,
+                e.device_id,
+                e.encoding.value,
+                attempt,
+                e.first_at,
+                at,
+                error,
+                2 * e.reading_id,
+            )
+            for e, attempt, at, error in queued
+        ],
+    )
+    # outbox_id 0: it never had an outbox entry.
+    conn.executemany(
+        "INSERT INTO dead_letters (outbox_id, sink, kind, ref_id, device_id, encoding, attempt,"
+        " first_at, dead_at, reason, last_error) VALUES (0, ?, 'reading', ?, ?, ?, ?, ?, ?, ?, ?)",
+        [
+            (
+                sink,
+                o.entry.reading_id,
+                o.entry.device_id,
+                o.entry.encoding.value,
+                o.settlement.attempt,
+                o.entry.first_at,
+                now,
+                o.settlement.reason or "permanent",
+                o.error,
+            )
+            for o in dead
+            if o.settlement is not None
+        ],
+    )
+    if settled.stream_to is not None:
+        conn.execute(ADVANCE_CURSOR, (settled.stream_to, sink))
+
+
 async def drop_oldest(conn: aiosqlite.Connection, sink: str, count: int) -> int:
-    """Delete the sink's `count` oldest pending entries (back-pressure policy drop_oldest)."""
+    """Give up on the sink's `count` oldest pending entries (back-pressure policy
+    drop_oldest): outbox entries first, then readings after the cursor, which it passes.
+    Readings already read past the cursor by a batch on its way are still sent."""
     cursor = await conn.execute(
         "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox WHERE sink = ?"
-        " AND state = 'pending' ORDER BY id LIMIT ?)",
+        " AND state = 'pending' ORDER BY pos, id LIMIT ?)",
         (sink, count),
     )
-    return cursor.rowcount
+    dropped = cursor.rowcount
+    if dropped < count:
+        # The cursor moves to the reading of the last entry dropped (a reading routed twice
+        # to the sink is two entries: the count may stop within it, and it goes whole).
+        cursor = await conn.execute(
+            "SELECT max(id), count(*) FROM (SELECT x.id FROM readings x"
+            " JOIN devices d ON d.id = x.device_id JOIN routes r ON r.sink = ?"
+            " AND r.kind = 'reading' AND d.type GLOB r.device_type AND d.name GLOB r.device"
+            f" WHERE x.id > ({SELECT_CURSOR}) GROUP BY x.id, r.route ORDER BY x.id LIMIT ?)",
+            (sink, sink, count - dropped),
+        )
+        row = await cursor.fetchone()
+        if row is not None and row[0] is not None:
+            await conn.execute(ADVANCE_CURSOR, (row[0], sink))
+            dropped += int(row[1])
+    return dropped
 
 
 # ---------------------------------------------------------------- dead letters
@@ -397,9 +657,10 @@ async def replay_dead_letters(
     where, params = _sink_filter(sink, ids)
     await conn.execute(
         "INSERT INTO outbox (sink, kind, ref_id, device_id, encoding, state, attempt, first_at,"
-        " next_attempt_at, last_error)"
+        " next_attempt_at, last_error, pos)"
         " SELECT x.sink, x.kind, x.ref_id, x.device_id, x.encoding, 'pending', 0, ?, ?,"
-        f" x.last_error FROM dead_letters x{where} ORDER BY x.id",
+        " x.last_error, 2 * (SELECT coalesce(max(id), 0) FROM readings) + 1"
+        f" FROM dead_letters x{where} ORDER BY x.id",
         [now, now, *params],
     )
     cursor = await conn.execute(f"DELETE FROM dead_letters AS x{where}", params)
@@ -478,11 +739,13 @@ class SinkStatus:
 async def read_status(
     conn: aiosqlite.Connection, *, now: float, stale_after: float
 ) -> list[SinkStatus]:
-    """Per sink: the outbox and dead letters from the database, plus the live figures the
-    gateway wrote (left out when older than `stale_after` seconds: no gateway running)."""
+    """Per sink: what it has to send and its dead letters from the database, plus the live
+    figures the gateway wrote (left out when older than `stale_after` seconds: no gateway
+    running)."""
     outbox: dict[str, tuple[int, int, float | None]] = {}
     async with conn.execute(
-        "SELECT sink, count(*), sum(state = 'in_flight'), min(first_at) FROM outbox GROUP BY sink"
+        "SELECT sink, count(*), sum(state = 'in_flight'), min(first_at) FROM relay_queue"
+        " GROUP BY sink"
     ) as cursor:
         for row in await cursor.fetchall():
             outbox[row[0]] = (int(row[1]), int(row[2] or 0), row[3])

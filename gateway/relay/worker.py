@@ -41,6 +41,7 @@ from gateway.store.writer import StoreWriter
 
 log = structlog.get_logger(__name__)
 
+_DEAD = check_transition(DeliveryState.IN_FLIGHT, DeliveryState.DEAD)
 #: How many unfinished entries a round looks at, at least (see `plan_batch` on windows).
 MIN_WINDOW = 1_000
 
@@ -106,33 +107,39 @@ class SinkWorker:
         batch (a backlog), and whenever outcomes are still to be written, the next trip
         runs while a batch is published, so the database work overlaps the wait for the
         downstream's confirmations. Order per device holds: a trip claims nothing of a
-        device with entries still in flight, and settles the batch before.
+        device with outbox entries in flight, and settles the batch before; readings it
+        read after the cursor meanwhile are held back (queued behind) if their device
+        failed in the batch that was on its way.
         """
-        settled: Sequence[store.Outcome] = ()
+        settled = store.NO_OUTCOMES
         claimed: store.Claimed | None = None
+        failed: frozenset[int] = frozenset()
         while True:
             if claimed is None:
                 # Woken by a commit, or after a batch that was not full: let more gather.
                 await self._linger(settled)
                 now = self._clock()
-                claimed = await self._settle_and_claim(settled, now)
-                settled = ()
-                if not claimed.entries:
+                claimed = await self._settle_and_claim(settled, now, None)
+                settled = store.NO_OUTCOMES
+                if claimed.empty:
                     if claimed.wake_at is None:
                         return self._config.poll_interval
                     return min(self._config.poll_interval, max(0.0, claimed.wake_at - now))
             ahead: asyncio.Task[store.Claimed] | None = None
             # Unwritten outcomes always go with the next trip, so none are carried over.
-            if settled or len(claimed.entries) >= self._config.batch_size:
-                ahead = asyncio.create_task(self._settle_and_claim(settled, self._clock()))
-                settled = ()
+            if settled or len(claimed.entries) + len(claimed.streamed) >= self._config.batch_size:
+                ahead = asyncio.create_task(
+                    self._settle_and_claim(settled, self._clock(), claimed.stream_to)
+                )
+                settled = store.NO_OUTCOMES
             try:
-                outcomes = await self._send(claimed)
+                outcomes = await self._send(claimed, failed)
             except BaseException:
                 await self._release([entry.id for entry in claimed.entries])
                 if ahead is not None:
                     await self._abandon(ahead)
                 raise
+            failed = _failed_devices(outcomes)
             if ahead is None:
                 settled, claimed = outcomes, None
                 continue
@@ -145,7 +152,7 @@ class SinkWorker:
                 raise
             # Nothing claimed ahead (perhaps only this batch's devices had more): the next
             # trip settles this batch before it looks again.
-            settled, claimed = outcomes, after if after.entries else None
+            settled, claimed = outcomes, None if after.empty else after
 
     @property
     def _largest_batch(self) -> int:
@@ -158,7 +165,7 @@ class SinkWorker:
             return catch_up
         return self._config.batch_size
 
-    async def _linger(self, settled: Sequence[store.Outcome]) -> None:
+    async def _linger(self, settled: store.Settled) -> None:
         """Wait `linger` before a round; cancelled meanwhile, write `settled` first."""
         if self._config.linger <= 0:
             return
@@ -171,40 +178,47 @@ class SinkWorker:
 
     async def _abandon(self, ahead: asyncio.Task[store.Claimed]) -> None:
         """Let a trip run ahead finish, then put back what it claimed. Not cancelled: it
-        also settles the batch before, which must be written (or put back if it fails)."""
+        also settles the batch before, which must be written (or put back if it fails).
+        Readings it read after the cursor need nothing: the cursor did not pass them."""
         await asyncio.wait([ahead])
         if not ahead.cancelled() and ahead.exception() is None:
             await self._release([entry.id for entry in ahead.result().entries])
 
     async def _settle_alone(
-        self, outcomes: Sequence[store.Outcome], ahead: asyncio.Task[store.Claimed] | None
+        self, settled: store.Settled, ahead: asyncio.Task[store.Claimed] | None
     ) -> None:
         """Cancelled or failed while a trip ran ahead (or while lingering): let the trip
-        finish and put back what it claimed, then write `outcomes` on their own (or put
-        their entries back)."""
+        finish and put back what it claimed, then write `settled` on its own (or put its
+        entries back)."""
         if ahead is not None:
             await self._abandon(ahead)
-        now = self._clock()
+        now, sink = self._clock(), self.sink.name
         settling = asyncio.ensure_future(
-            self._writer.run_in_transaction(lambda conn: store.apply(conn, outcomes, now=now))
+            self._writer.run_in_transaction(lambda conn: store.settle(conn, sink, settled, now=now))
         )
         await asyncio.wait([settling])
         if not settling.cancelled() and settling.exception() is None:
-            self._account(outcomes, now)
+            self._account(settled, now)
         else:
-            await self._release([outcome.entry.id for outcome in outcomes])
+            await self._release([outcome.entry.id for outcome in settled.outcomes])
 
     async def _settle_and_claim(
-        self, settled: Sequence[store.Outcome], now: float
+        self, settled: store.Settled, now: float, stream_from: int | None
     ) -> store.Claimed:
         """Write the outcomes of the last batch and claim the next, in one transaction."""
         sink, gateway, window = self.sink.name, self._gateway, self._window
         limit = self._batch_limit()
 
         def round_trip(conn: sqlite3.Connection) -> store.Claimed:
-            store.apply(conn, settled, now=now)
+            store.settle(conn, sink, settled, now=now)
             return store.claim_next(
-                conn, sink, now=now, limit=limit, window=window, gateway=gateway
+                conn,
+                sink,
+                now=now,
+                limit=limit,
+                window=window,
+                gateway=gateway,
+                stream_from=stream_from,
             )
 
         trip = asyncio.ensure_future(self._writer.run_in_transaction(round_trip))
@@ -218,12 +232,12 @@ class SinkWorker:
                 self._account(settled, now)
                 await self._release([entry.id for entry in trip.result().entries])
             else:
-                await self._release([outcome.entry.id for outcome in settled])
+                await self._release([outcome.entry.id for outcome in settled.outcomes])
             raise
         except BaseException:
-            # Rolled back: the last batch is still in flight. Sent again later, which
-            # at-least-once allows.
-            await self._release([outcome.entry.id for outcome in settled])
+            # Rolled back: the last batch is still in flight (its readings still after the
+            # cursor). Sent again later, which at-least-once allows.
+            await self._release([outcome.entry.id for outcome in settled.outcomes])
             raise
         self._account(settled, now)
         return claimed
@@ -241,13 +255,16 @@ class SinkWorker:
         else:
             self._log.info("relay.released", entries=len(ids))
 
-    async def _send(self, claimed: store.Claimed) -> list[store.Outcome]:
+    async def _send(self, claimed: store.Claimed, failed: frozenset[int]) -> store.Settled:
+        """Publish a claimed batch: its outbox entries, then its readings read after the
+        cursor, but for those held back (an earlier entry of the device is queued, or the
+        device failed in the batch before, `failed`) and those too old to send."""
         now = self._clock()
         policy = self._config.retry
         entries, messages = claimed.entries, claimed.messages
         outcomes: list[store.Outcome] = []
+        streamed: list[store.StreamOutcome] = []
         batch: list[Delivery] = []
-        by_id = {entry.id: entry for entry in entries}
         for entry in entries:
             message = messages.get(entry.id)
             if message is None:
@@ -256,17 +273,43 @@ class SinkWorker:
                 outcomes.append(self._dead(entry, "max_age", "too old before it could be sent"))
             else:
                 batch.append(Delivery(message, entry.encoding, entry.attempt + 1, entry.id))
+        # Readings from the stream go after, keyed -1, -2, ... (outbox ids are positive).
+        by_key: dict[int, store.Streamed] = {}
+        for index, reading in enumerate(claimed.streamed):
+            if reading.held or reading.device_id in failed:
+                streamed.append(store.StreamOutcome(reading, None, None))
+            elif policy.max_age and now - reading.first_at >= policy.max_age:
+                settlement = Settlement(_DEAD, 0, None, "max_age")
+                error = "too old before it could be sent"
+                streamed.append(store.StreamOutcome(reading, settlement, error))
+            else:
+                by_key[-1 - index] = reading
+                batch.append(Delivery(reading.message, reading.encoding, 1, -1 - index))
         results = await publish_batch(self.sink, batch)
         now = self._clock()
+        by_id = {entry.id: entry for entry in entries}
         for delivery, result in zip(batch, results, strict=True):
             assert delivery.entry_id is not None
-            entry = by_id[delivery.entry_id]
             if result is None:
                 outcome = Outcome.CONFIRMED
             elif isinstance(result, PermanentSinkError):
                 outcome = Outcome.PERMANENT
             else:
                 outcome = Outcome.TRANSIENT
+            failure = None if result is None else str(result)
+            if delivery.entry_id < 0:
+                reading = by_key[delivery.entry_id]
+                settlement = settle(
+                    outcome,
+                    attempt=0,
+                    first_at=reading.first_at,
+                    policy=policy,
+                    now=now,
+                    rng=self._rng,
+                )
+                streamed.append(store.StreamOutcome(reading, settlement, failure))
+                continue
+            entry = by_id[delivery.entry_id]
             settlement = settle(
                 outcome,
                 attempt=entry.attempt,
@@ -275,15 +318,12 @@ class SinkWorker:
                 now=now,
                 rng=self._rng,
             )
-            outcomes.append(
-                store.Outcome(entry, settlement, None if result is None else str(result))
-            )
+            outcomes.append(store.Outcome(entry, settlement, failure))
         self._note_connection()
-        return outcomes
+        return store.Settled(outcomes, streamed, claimed.stream_to)
 
     def _dead(self, entry: store.Entry, reason: str, error: str) -> store.Outcome:
-        state = check_transition(DeliveryState.IN_FLIGHT, DeliveryState.DEAD)
-        return store.Outcome(entry, Settlement(state, entry.attempt, None, reason), error)
+        return store.Outcome(entry, Settlement(_DEAD, entry.attempt, None, reason), error)
 
     def _note_connection(self) -> None:
         connected = self.sink.connected
@@ -295,14 +335,17 @@ class SinkWorker:
             self._log.warning("relay.disconnected", error=self.stats.last_error)
         self._was_connected = connected
 
-    def _account(self, outcomes: Sequence[store.Outcome], now: float) -> None:
+    def _account(self, settled: store.Settled, now: float) -> None:
         stats = self.stats
-        delivered = retried = 0
+        delivered = retried = finished = 0
         retry_at: float | None = None
         first_error: str | None = None
         attempt = 0
-        for outcome in outcomes:
+        either: list[store.Outcome | store.StreamOutcome] = [*settled.outcomes, *settled.streamed]
+        for outcome in either:
             settlement = outcome.settlement
+            if settlement is None:
+                continue  # held back: queued, still to send
             if outcome.error is not None:
                 first_error = first_error or outcome.error
                 stats.last_error, stats.last_error_at = outcome.error, now
@@ -314,18 +357,24 @@ class SinkWorker:
                 assert settlement.next_attempt_at is not None
                 retry_at = min(retry_at or settlement.next_attempt_at, settlement.next_attempt_at)
             else:
+                finished += 1
                 stats.dead += 1
+                entry = outcome.entry
+                if isinstance(entry, store.Streamed):
+                    message_id = store.message_id("reading", entry.reading_id)
+                else:
+                    message_id = store.message_id(entry.kind, entry.ref_id)
                 self._log.warning(
                     "relay.dead_letter",
-                    message_id=store.message_id(outcome.entry.kind, outcome.entry.ref_id),
-                    device_id=outcome.entry.device_id,
+                    message_id=message_id,
+                    device_id=entry.device_id,
                     reason=settlement.reason,
                     attempt=settlement.attempt,
                     error=outcome.error,
                 )
         stats.sent += delivered
         stats.retries += retried
-        stats.depth = max(0, stats.depth - delivered - (len(outcomes) - delivered - retried))
+        stats.depth = max(0, stats.depth - delivered - finished)
         if delivered:
             self._log.debug("relay.delivered", entries=delivered)
         if retried:
@@ -337,3 +386,13 @@ class SinkWorker:
                 retry_in=round(max(0.0, retry_at - now), 3),
                 error=first_error,
             )
+
+
+def _failed_devices(settled: store.Settled) -> frozenset[int]:
+    """Devices of the readings from the stream that failed transiently (or were held back)
+    in a batch: their readings read meanwhile must queue behind."""
+    return frozenset(
+        outcome.entry.device_id
+        for outcome in settled.streamed
+        if outcome.settlement is None or outcome.settlement.state is DeliveryState.PENDING
+    )

@@ -1,7 +1,8 @@
 """Retention: prune readings by age and by row count, in small transactions.
 
-A reading that still waits in the relay's outbox, or lies in its dead letters, is kept
-whatever its age: pruning must never turn an acknowledged reading into a lost one.
+A reading that a relay sink has still to read (after its cursor), that waits in the relay's
+outbox, or that lies in its dead letters, is kept whatever its age: pruning must never turn
+an acknowledged reading into a lost one.
 
 Deletes go through the store writer in chunks so a large prune never holds the write lock
 long enough to delay acknowledgements to devices.
@@ -18,7 +19,9 @@ from gateway.store.writer import StoreWriter
 CHUNK = 2_000
 
 UNDELIVERED_EXCLUDED = (
-    "NOT EXISTS (SELECT 1 FROM outbox o WHERE o.kind = 'reading' AND o.ref_id = readings.id)"
+    # not yet passed by every sink's cursor (no cursor: no sink to wait for)
+    "readings.id <= (SELECT coalesce(min(reading_id), 9223372036854775807) FROM relay_cursors)"
+    " AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.kind = 'reading' AND o.ref_id = readings.id)"
     " AND NOT EXISTS"
     " (SELECT 1 FROM dead_letters d WHERE d.kind = 'reading' AND d.ref_id = readings.id)"
 )

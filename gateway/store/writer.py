@@ -57,23 +57,19 @@ VALUES_PER_ROW = READING_PLACEHOLDERS.count("?")
 INSERT_CHUNKS = (64, 32, 16, 8, 4, 2, 1)
 UPDATE_LAST_SEEN = "UPDATE devices SET last_seen = ?, address = coalesce(?, address) WHERE id = ?"
 # Taken inside the write transaction, so rows another process committed before are not
-# mistaken for this batch's (several gateway processes may share one database).
-SELECT_LAST_READING_ID = "SELECT coalesce(max(id), 0) FROM readings"
+# mistaken for this batch's (several gateway processes may share one database). The relay's
+# cursors come with it: see `_insert_and_collect`.
+SELECT_LAST_READING_ID = (
+    "SELECT coalesce(max(id), 0), (SELECT coalesce(max(reading_id), 0) FROM relay_cursors)"
+    " FROM readings"
+)
+#: A row that makes SQLite number the next reading after `?` (see `_insert_and_collect`).
+INSERT_ID_FLOOR = (
+    "INSERT INTO readings (id, device_id, measurement, value, kind, received_at)"
+    " VALUES (?, ?, '', 0, 'n', 0)"
+)
 READING_COLUMNS = "id, device_id, measurement, value, kind, unit, device_time, received_at, seq"
 SELECT_NEW_READINGS = f"SELECT {READING_COLUMNS} FROM readings WHERE id > ? ORDER BY id"
-#: The outbox entries of the readings inserted after id `?`: one per route that takes the
-#: reading (`routes` holds a row per glob combination, hence the GROUP BY), in reading
-#: then route order, so that outbox ids keep the order readings were stored in. Run once
-#: per transaction, after the readings, in the same transaction: a reading acknowledged as
-#: stored is queued for every sink it is routed to, and a duplicate (ignored) queues
-#: nothing. One set-based statement costs SQLite a third of what a trigger per row did.
-ENQUEUE_READINGS = (
-    "INSERT INTO outbox (sink, kind, ref_id, device_id, encoding, first_at, next_attempt_at)"
-    " SELECT r.sink, 'reading', x.id, x.device_id, r.encoding, x.received_at, x.received_at"
-    " FROM readings x JOIN devices d ON d.id = x.device_id"
-    " JOIN routes r ON r.kind = 'reading' AND d.type GLOB r.device_type AND d.name GLOB r.device"
-    " WHERE x.id > ? GROUP BY x.id, r.route ORDER BY x.id, r.route"
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -333,12 +329,20 @@ def _insert_and_collect(
 ) -> list[StoredReading]:
     """Insert the batches' readings and update their devices' last seen, inside the caller's
     transaction; the readings that were new (duplicates are ignored), in insertion order."""
-    before: int = conn.execute(SELECT_LAST_READING_ID).fetchone()[0]
+    before, floor = conn.execute(SELECT_LAST_READING_ID).fetchone()
     params = _reading_params(batches)
     rows = len(params) // VALUES_PER_ROW
+    placeholder = before < floor
+    if placeholder:
+        # The newest readings were deleted (their device was, say) after a relay cursor
+        # had passed them: SQLite would hand their ids out again, and the cursor would pass
+        # over the new readings. A placeholder at the cursor's id, gone again before COMMIT,
+        # makes the new ids start after it.
+        conn.execute(INSERT_ID_FLOOR, (floor, batches[0].device.id))
+        before = floor
     inserted, last_id = _insert_rows(conn, params)
-    if inserted:
-        conn.execute(ENQUEUE_READINGS, (before,))
+    if placeholder:
+        conn.execute("DELETE FROM readings WHERE id = ?", (floor,))
     conn.executemany(UPDATE_LAST_SEEN, _last_seen_rows(batches))
     if inserted == rows and last_id == before + rows:
         # No row was a duplicate, so SQLite gave them the ids after `before`, one by one in

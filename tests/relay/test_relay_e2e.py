@@ -251,7 +251,7 @@ async def test_outbox_survives_sigkill_and_drains_after_restart(
             response = await send_temp(coap_client, process.url, "fridge-1", 1.0, seq)
             assert response.code == Code.CHANGED
         with sqlite3.connect(config.store.path) as conn:
-            assert conn.execute("SELECT count(*) FROM outbox").fetchone() == (20,)
+            assert conn.execute("SELECT count(*) FROM relay_queue").fetchone() == (20,)
         process.kill()
         mosquitto.start()
         async with collecting(MqttCollector(mosquitto.port)) as collector:
@@ -260,6 +260,8 @@ async def test_outbox_survives_sigkill_and_drains_after_restart(
             seqs = [m.extra["seq"] for _, m in collector.messages]
             assert sorted(set(seqs)) == list(range(1, 21))
         with sqlite3.connect(config.store.path) as conn:
-            await wait_until(lambda: conn.execute("SELECT count(*) FROM outbox").fetchone() == (0,))
+            await wait_until(
+                lambda: conn.execute("SELECT count(*) FROM relay_queue").fetchone() == (0,)
+            )
     finally:
         process.stop()

@@ -42,6 +42,10 @@ def relay_config(tmp_path: Path, *, routes: list[dict[str, Any]] | None = None, 
     )
 
 
+#: What each sink still has to send: its outbox and the readings after its cursor.
+QUEUED = "SELECT sink, state, attempt FROM relay_queue"
+
+
 def outbox(config: GatewayConfig, sql: str = "SELECT sink, state, attempt FROM outbox") -> list:
     with sqlite3.connect(config.store.path) as conn:
         return conn.execute(sql).fetchall()
@@ -100,13 +104,13 @@ async def test_a_repeated_request_creates_no_second_entry(
     running: tuple[Running, Gateway], coap_client: aiocoap.Context
 ) -> None:
     setup, _ = running
-    setup.a.hang()  # keep what is queued in the outbox to count it
+    setup.a.hang()  # keep what is queued to count it
     await register(coap_client, setup.url, "fridge-1", "fridge")
     for _ in range(2):
         assert (
             await send(coap_client, setup.url, "fridge-1", temp=4.0, seq=7)
         ).code == Code.CHANGED
-    assert len(outbox(setup.config, "SELECT id FROM outbox WHERE sink = 'a'")) == 1
+    assert len(outbox(setup.config, "SELECT ref_id FROM relay_queue WHERE sink = 'a'")) == 1
     setup.a.release()
     await setup.a.wait_for(1)
 
@@ -116,7 +120,7 @@ async def test_depths_count_every_entry_of_packs_from_several_devices(
 ) -> None:
     setup, gateway = running
     setup.a.set_down()
-    setup.b.set_down()  # nothing leaves the outbox: each depth must equal its entries
+    setup.b.set_down()  # nothing leaves the queue: each depth must equal its entries
     await register(coap_client, setup.url, "fridge-1", "fridge")
     await register(coap_client, setup.url, "tracker-1", "tracker")
     pack = [{-2: "fridge-1:", -3: 1_700_000_000, 0: "temp", 2: 4.0}]
@@ -128,7 +132,7 @@ async def test_depths_count_every_entry_of_packs_from_several_devices(
         send(coap_client, setup.url, "tracker-1", speed=3.0, seq=2),
     )
     assert all(response.code == Code.CHANGED for response in sent)
-    entries = dict(outbox(setup.config, "SELECT sink, count(*) FROM outbox GROUP BY sink"))
+    entries = dict(outbox(setup.config, "SELECT sink, count(*) FROM relay_queue GROUP BY sink"))
     assert entries == {"a": 5 + 2 + 2 + 1, "b": 2 + 1}  # route b takes trackers only
     assert {name: stats.depth for name, stats in gateway.relay.stats.items()} == entries
 
@@ -179,14 +183,15 @@ async def test_cancelled_worker_releases_its_entries_and_they_go_out_after_resta
         setup.a.hang()
         assert (await send(coap_client, setup.url, "fridge-1", temp=1.0)).code == Code.CHANGED
         await wait_until(lambda: setup.a.calls >= 1)
-        assert outbox(setup.config) == [("a", "in_flight", 0)]
-    # Shut down mid-publish: claimed, not confirmed, so back to pending, no attempt counted.
-    assert outbox(setup.config) == [("a", "pending", 0)]
+    # Shut down mid-publish: not confirmed, so the sink's cursor did not pass it, and no
+    # attempt was counted.
+    assert outbox(setup.config, QUEUED) == [("a", "pending", 0)]
+    assert outbox(setup.config) == []
     setup.a = MemorySink("a")
     async with setup.gateway():
         (delivery,) = await setup.a.wait_for(1)
         assert delivery.message.values[0].value == 1.0
-        await wait_until(lambda: outbox(setup.config) == [])
+        await wait_until(lambda: outbox(setup.config, QUEUED) == [])
 
 
 async def test_entries_left_in_flight_by_a_crash_go_out_after_restart(
@@ -265,8 +270,9 @@ async def test_drop_oldest_makes_room_and_counts(
         await wait_until(lambda: setup.a.calls == 1)  # the first entry is being sent
         for value in range(1, 5):
             assert (await send(coap_client, setup.url, "fridge-1", temp=value)).code == Code.CHANGED
-        # The oldest pending entries made room; the one in flight is not dropped.
-        assert len(outbox(setup.config, "SELECT id FROM outbox WHERE sink = 'a'")) == 3
+        # The oldest entries made room: the first was on its way, and goes out all the same;
+        # the second was dropped.
+        assert len(outbox(setup.config, "SELECT ref_id FROM relay_queue WHERE sink = 'a'")) == 3
         assert gateway.relay.stats["a"].dropped == 2
         await wait_until(
             lambda: (
@@ -274,8 +280,8 @@ async def test_drop_oldest_makes_room_and_counts(
             )
         )
         setup.a.release()
-        got = await setup.a.wait_for(3)
-        assert [d.message.values[0].value for d in got] == [0, 3, 4]
+        got = await setup.a.wait_for(4)
+        assert [d.message.values[0].value for d in got] == [0, 2, 3, 4]
 
 
 async def test_status_command_shows_live_and_stored_figures(

@@ -5,6 +5,7 @@ puts back."""
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import sqlite3
 from collections.abc import AsyncIterator, Sequence
@@ -18,10 +19,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.core.model import Device
-from gateway.core.outbox import DeliveryState, OutboxRow, RetryPolicy, plan_batch
+from gateway.core.outbox import BatchPlanner, DeliveryState, OutboxRow, RetryPolicy
 from gateway.core.readings import Measurement
 from gateway.relay import store
 from gateway.relay.config import RelayConfig, RouteConfig
+from gateway.relay.events import record_event
 from gateway.relay.sinks.base import Delivery, Result
 from gateway.relay.sinks.memory import MemorySink
 from gateway.relay.worker import SinkStats, SinkWorker
@@ -47,9 +49,19 @@ class Setup:
     def outbox(self) -> list[Any]:
         return self.rows("SELECT ref_id, state, attempt, next_attempt_at FROM outbox ORDER BY id")
 
+    def cursor(self) -> int:
+        """The last reading the sink's stream has dealt with."""
+        return int(self.rows("SELECT reading_id FROM relay_cursors WHERE sink = 'm'")[0][0])
+
     async def store(self, device: Device, count: int) -> None:
         measurements = [Measurement("temp", float(i), seq=i, key=f"s{i}") for i in range(count)]
         await self.writer.insert_readings(ReadingBatch(device, measurements, 100.0, None))
+
+    async def event(self, device: Device, kind: str = "alert") -> None:
+        async def record(conn: aiosqlite.Connection) -> None:
+            await record_event(conn, kind=kind, device=device, at=100.0, body={})
+
+        await self.writer.transaction(record)
 
     def worker(self, sink: MemorySink, **relay: Any) -> SinkWorker:
         retry = RetryPolicy(base_delay=10, jitter=0, max_attempts=5, max_age=0)
@@ -75,7 +87,7 @@ async def setup(tmp_path: Path) -> AsyncIterator[Setup]:
             "INSERT INTO devices (id, name, type, created_at) VALUES (?, ?, ?, 0)",
             (device.id, device.name, device.type),
         )
-    await store.sync_routes(conn, [RouteConfig(sink="m")])
+    await store.sync_routes(conn, [RouteConfig(sink="m", kinds=("reading", "alert"))])
     writer = StoreWriter(conn)
     task = asyncio.create_task(writer.run())
     try:
@@ -140,33 +152,50 @@ async def test_a_device_waiting_for_its_retry_does_not_hold_back_those_behind_it
             st.integers(1, 6),
             st.sampled_from([DeliveryState.PENDING, DeliveryState.IN_FLIGHT]),
             st.sampled_from([0.0, 5.0, 20.0]),
+            st.integers(0, 8),
         ),
         max_size=60,
     ),
     st.integers(1, 8),
     st.integers(1, 12),
+    st.one_of(st.none(), st.integers(0, 8)),
 )
 def test_reading_past_waiting_devices_plans_as_one_look_at_every_entry(
-    specs: list[tuple[int, DeliveryState, float]], window: int, limit: int
+    specs: list[tuple[int, DeliveryState, float, int]],
+    window: int,
+    limit: int,
+    due_to: int | None,
 ) -> None:
     # However small the window, a round that may read on past the devices that wait plans
-    # exactly what the planner would with the whole outbox in view.
+    # exactly what the planner would with the whole outbox in view, in (pos, id) order, an
+    # entry past the cursor (`due_to`) waiting as if not yet due.
     conn = sqlite3.connect(":memory:")
     conn.execute(
         "CREATE TABLE outbox (id INTEGER PRIMARY KEY, sink TEXT, kind TEXT, ref_id INTEGER,"
         " device_id INTEGER, encoding TEXT, attempt INTEGER, first_at REAL, state TEXT,"
-        " next_attempt_at REAL)"
+        " next_attempt_at REAL, pos INTEGER)"
     )
     conn.executemany(
         "INSERT INTO outbox (id, sink, kind, ref_id, device_id, encoding, attempt, first_at,"
-        " state, next_attempt_at) VALUES (?, 'm', 'reading', 0, ?, 'json', 0, 0, ?, ?)",
-        [(i, device, state.value, at) for i, (device, state, at) in enumerate(specs, 1)],
+        " state, next_attempt_at, pos) VALUES (?, 'm', 'reading', 0, ?, 'json', 0, 0, ?, ?, ?)",
+        [(i, d, state.value, at, pos) for i, (d, state, at, pos) in enumerate(specs, 1)],
     )
-    rows = [OutboxRow(i, str(d), state, at) for i, (d, state, at) in enumerate(specs, 1)]
+    after_now = math.nextafter(10.0, math.inf)
+    ordered = sorted(enumerate(specs, 1), key=lambda item: (item[1][3], item[0]))
+    rows = [
+        OutboxRow(i, str(d), state, at if due_to is None or pos <= due_to else after_now)
+        for i, (d, state, at, pos) in ordered
+    ]
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(store, "MAX_WINDOWS_PAST_BLOCKED", len(specs) + 1)
-        planned, _ = store.plan_window(conn, "m", now=10.0, limit=limit, window=window)
-    assert planned == plan_batch(rows, now=10.0, limit=limit)
+        planned, _ = store.plan_window(
+            conn, "m", now=10.0, limit=limit, window=window, due_to=due_to
+        )
+    expected = BatchPlanner(now=10.0, limit=limit)
+    for row in rows:
+        if not expected.offer(row):
+            break
+    assert planned == expected.plan()
 
 
 async def test_batches_keep_each_devices_order(setup: Setup) -> None:
@@ -175,16 +204,16 @@ async def test_batches_keep_each_devices_order(setup: Setup) -> None:
     sink = MemorySink("m")
     worker = setup.worker(sink, batch_size=3)
     await worker.step()
-    # While a full batch is published the next is claimed, from other devices only.
+    # While a full batch is published the next is read ahead, in the order stored.
     assert [d.message_id for d in sink.delivered if d.device == "fridge-1"] == [
         f"r-{i}" for i in range(1, 6)
     ]
     assert [d.message_id for d in sink.delivered if d.device == "truck-1"] == [
         f"r-{i}" for i in range(6, 11)
     ]
-    assert sink.message_ids[3:6] == ["r-6", "r-7", "r-8"]  # claimed ahead
+    assert sink.message_ids[3:6] == ["r-4", "r-5", "r-6"]  # read ahead
     assert sink.calls == 4
-    assert setup.outbox() == []
+    assert setup.outbox() == [] and setup.cursor() == 10
 
 
 async def test_a_deep_backlog_goes_out_in_catch_up_batches(setup: Setup) -> None:
@@ -202,10 +231,10 @@ async def test_a_deep_backlog_goes_out_in_catch_up_batches(setup: Setup) -> None
 
     sink.publish = counting  # type: ignore[method-assign]
     await worker.step()
-    # Up to 6 while the depth is at least 6 when a trip starts: fridge 1-6, then truck
-    # (claimed while the fridge's batch is out), then the rest of the fridge.
-    assert sizes == [6, 3, 4]
-    assert worker.stats.depth == 0 and setup.outbox() == []
+    # Up to 6 while the depth is at least 6 when a trip starts: 1-6, then 7-12 (read
+    # while the first batch is out, the depth still 13), then the last one.
+    assert sizes == [6, 6, 1]
+    assert worker.stats.depth == 0 and setup.outbox() == [] and setup.cursor() == 13
     await setup.store(FRIDGE, 13)  # seq 0-9 are duplicates: 3 new readings
     worker.stats.depth = 3
     await worker.step()
@@ -280,27 +309,114 @@ async def test_cancelled_during_a_trip_counts_what_it_settled_and_releases_what_
     sink.gate.set()
     with pytest.raises(asyncio.CancelledError):
         await task
-    # The first batch is settled once the trip ahead is done, and it claimed nothing that
-    # stays claimed.
+    # The first batch is settled once the trip ahead is done; what that trip read (r-3,
+    # r-4) stays after the cursor, to be read again.
     assert sink.message_ids == ["r-1", "r-2"]
     assert worker.stats.sent == 2
-    assert setup.outbox() == [(3, "pending", 0, 100.0), (4, "pending", 0, 100.0)]
+    assert setup.outbox() == [] and setup.cursor() == 2
 
 
 async def test_cancelled_while_publishing_releases_the_batch_and_what_was_claimed_ahead(
     setup: Setup,
 ) -> None:
-    await setup.store(FRIDGE, 2)
-    await setup.store(TRUCK, 1)
+    await setup.event(FRIDGE)  # an outbox entry, ahead of the readings
+    await setup.store(FRIDGE, 1)
+    await setup.store(TRUCK, 2)
     sink = MemorySink("m")
     sink.hang()
     worker = setup.worker(sink, batch_size=2)
+    trips = setup.writer.stats.batches
     task = asyncio.create_task(worker.step())
     await wait_until(lambda: sink.calls == 1)
-    # r-3 is another device's: claimed while the full first batch is out.
-    await wait_until(lambda: [row[1] for row in setup.outbox()] == ["in_flight"] * 3)
+    # The first batch (the event, and r-1 held back behind it) is out; the trip ahead
+    # reads r-2 and r-3 meanwhile.
+    await wait_until(lambda: setup.writer.stats.batches == trips + 2)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert setup.outbox() == [(ref, "pending", 0, 100.0) for ref in (1, 2, 3)]
+    # The event is pending again, and the cursor passed none of the readings.
+    assert [row[1:3] for row in setup.outbox()] == [("pending", 0)]
+    assert setup.cursor() == 0
     assert sink.message_ids == []
+
+
+async def test_readings_and_events_of_a_device_go_out_in_the_order_they_were_stored(
+    setup: Setup,
+) -> None:
+    await setup.store(FRIDGE, 1)  # r-1
+    await setup.event(FRIDGE)  # e-1, after r-1
+    await setup.store(FRIDGE, 2)  # r-2 (seq 0 is a duplicate), after e-1
+    sink = MemorySink("m")
+    worker = setup.worker(sink, batch_size=10)
+    await worker.step()
+    # e-1 waits for the cursor to pass r-1; r-2 is held back behind e-1 and queued.
+    assert sink.message_ids == ["r-1", "e-1", "r-2"]
+    assert setup.outbox() == [] and setup.cursor() == 2
+
+
+async def test_a_reading_that_failed_is_retried_before_the_readings_stored_after_it(
+    setup: Setup,
+) -> None:
+    await setup.store(FRIDGE, 2)  # r-1, r-2
+    await setup.store(TRUCK, 1)  # r-3
+    sink = MemorySink("m")
+    sink.fail_message("r-1", "transient")
+    worker = setup.worker(sink, batch_size=10)
+    assert await worker.step() == 10.0
+    # r-2 went out but counts as failed; both wait in the outbox; the truck is not held.
+    assert sink.message_ids == ["r-2", "r-3"]
+    assert setup.outbox() == [(1, "pending", 1, NOW + 10), (2, "pending", 1, NOW + 10)]
+    assert setup.cursor() == 3
+    await setup.store(FRIDGE, 3)  # r-4, stored while the fridge waits: queued behind
+    assert await worker.step() == 10.0
+    assert setup.outbox()[-1] == (4, "pending", 0, NOW)
+    sink.clear_failures()
+    worker._clock = lambda: NOW + 10
+    await worker.step()
+    assert sink.message_ids[2:] == ["r-1", "r-2", "r-4"]
+    assert setup.outbox() == [] and setup.cursor() == 4
+    assert (worker.stats.sent, worker.stats.retries) == (4, 2)
+
+
+async def test_a_reading_refused_for_good_is_a_dead_letter_and_holds_nothing_back(
+    setup: Setup,
+) -> None:
+    await setup.store(FRIDGE, 2)
+    sink = MemorySink("m")
+    sink.fail_message("r-1", "permanent")
+    worker = setup.worker(sink, batch_size=10)
+    await worker.step()
+    assert sink.message_ids == ["r-2"]
+    dead = setup.rows("SELECT outbox_id, sink, kind, ref_id, device_id, reason FROM dead_letters")
+    assert dead == [(0, "m", "reading", 1, 1, "permanent")]
+    assert setup.outbox() == [] and setup.cursor() == 2
+
+
+async def test_readings_routed_elsewhere_move_the_cursor_without_a_batch(setup: Setup) -> None:
+    async def only_trucks(conn: aiosqlite.Connection) -> None:
+        await store.sync_routes(conn, [RouteConfig(sink="m", device_types=("tracker",))])
+
+    await setup.writer.transaction(only_trucks)
+    await setup.store(FRIDGE, 3)
+    sink = MemorySink("m")
+    worker = setup.worker(sink, batch_size=10)
+    assert await worker.step() == 60.0
+    assert sink.calls == 0 and setup.cursor() == 3
+
+
+async def test_a_sink_no_longer_routed_keeps_what_it_was_owed_and_a_new_one_starts_now(
+    setup: Setup,
+) -> None:
+    await setup.store(FRIDGE, 2)  # owed to "m", whose cursor is still at 0
+
+    async def reroute(conn: aiosqlite.Connection) -> None:
+        await store.sync_routes(conn, [RouteConfig(sink="n")])
+
+    await setup.writer.transaction(reroute)
+    assert setup.rows("SELECT sink, ref_id, pos FROM outbox ORDER BY id") == [
+        ("m", 1, 2),
+        ("m", 2, 4),
+    ]
+    assert setup.rows("SELECT sink, reading_id FROM relay_cursors") == [("n", 2)]
+    # Retention is held back by no cursor that will never move again.
+    assert setup.rows("SELECT min(reading_id) FROM relay_cursors") == [(2,)]

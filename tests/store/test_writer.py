@@ -216,15 +216,19 @@ async def test_retention_by_age_and_by_count(db: aiosqlite.Connection) -> None:
 async def test_retention_keeps_readings_still_to_be_relayed(db: aiosqlite.Connection) -> None:
     writer = StoreWriter(db)
     task = await running(writer)
-    for i in range(4):
+    for i in range(6):
         await writer.insert_readings(batch(("t", i, i), at=1000.0 + i))
+    # Reading 1 waits in an outbox; a sink's cursor has read up to reading 4 only.
     await db.execute(
         "INSERT INTO outbox (sink, kind, ref_id, device_id, encoding, first_at, next_attempt_at)"
         " VALUES ('mqtt', 'reading', 1, 1, 'json', 0, 0)"
     )
+    await db.executemany(
+        "INSERT INTO relay_cursors (sink, reading_id) VALUES (?, ?)", [("mqtt", 6), ("nats", 4)]
+    )
     assert await prune(writer, RetentionPolicy(max_age_seconds=1), now=2000.0) == 3
     async with db.execute("SELECT id FROM readings") as cursor:
-        assert [row[0] for row in await cursor.fetchall()] == [1]
+        assert [row[0] for row in await cursor.fetchall()] == [1, 5, 6]
     await writer.close()
     await task
 
@@ -278,7 +282,7 @@ async def test_a_failing_thread_op_fails_only_its_caller(db: aiosqlite.Connectio
     assert writer.stats.readings == 1
 
 
-async def test_each_new_reading_is_queued_once_per_route_that_takes_it(
+async def test_each_new_reading_is_owed_once_per_route_that_takes_it(
     db: aiosqlite.Connection,
 ) -> None:
     await db.execute("INSERT INTO devices (id, name, type, created_at) VALUES (2, 'f1', 'fr', 0)")
@@ -288,6 +292,9 @@ async def test_each_new_reading_is_queued_once_per_route_that_takes_it(
         "INSERT INTO routes (route, sink, kind, device_type, device, encoding)"
         " VALUES (?, ?, 'reading', ?, ?, 'cbor')",
         [(0, "all", "*", "*"), (0, "all", "*", "f*"), (1, "fridges", "fr", "*")],
+    )
+    await db.executemany(
+        "INSERT INTO relay_cursors (sink, reading_id) VALUES (?, 0)", [("all",), ("fridges",)]
     )
     fridge = Device(2, "f1", "fr")
     writer = StoreWriter(db)
@@ -300,16 +307,33 @@ async def test_each_new_reading_is_queued_once_per_route_that_takes_it(
     await writer.close()
     await task
     async with db.execute(
-        "SELECT sink, kind, ref_id, device_id, encoding, state, attempt, first_at,"
-        " next_attempt_at FROM outbox ORDER BY id"
+        "SELECT sink, kind, ref_id, device_id, state, attempt, first_at FROM relay_queue"
+        " ORDER BY sink, ref_id"
     ) as cursor:
         rows = await cursor.fetchall()
     assert rows == [
-        ("all", "reading", 1, 1, "cbor", "pending", 0, 100.0, 100.0),
-        ("all", "reading", 2, 1, "cbor", "pending", 0, 100.0, 100.0),
-        ("all", "reading", 3, 2, "cbor", "pending", 0, 101.0, 101.0),
-        ("fridges", "reading", 3, 2, "cbor", "pending", 0, 101.0, 101.0),
+        ("all", "reading", 1, 1, "pending", 0, 100.0),
+        ("all", "reading", 2, 1, "pending", 0, 100.0),
+        ("all", "reading", 3, 2, "pending", 0, 101.0),
+        ("fridges", "reading", 3, 2, "pending", 0, 101.0),
     ]
+
+
+async def test_reading_ids_never_go_back_behind_a_relay_cursor(db: aiosqlite.Connection) -> None:
+    # The newest readings were deleted after a sink's cursor passed them: the next ones
+    # must still come after the cursor, or the sink would never read them.
+    writer = StoreWriter(db)
+    task = await running(writer)
+    await writer.insert_readings(batch(("t", 1.0, 1), ("t", 2.0, 2), ("t", 3.0, 3)))
+    await db.execute("INSERT INTO relay_cursors (sink, reading_id) VALUES ('mqtt', 3)")
+    await db.execute("DELETE FROM readings WHERE id > 1")
+    await db.commit()
+    await writer.insert_readings(batch(("t", 4.0, 4), ("t", 5.0, 5)))
+    await writer.insert_readings(batch(("t", 6.0, 6)))
+    await writer.close()
+    await task
+    async with db.execute("SELECT id, value FROM readings ORDER BY id") as cursor:
+        assert await cursor.fetchall() == [(1, 1.0), (4, 4.0), (5, 5.0), (6, 6.0)]
 
 
 async def test_requests_handled_in_the_same_pass_of_the_loop_share_a_commit(
