@@ -236,7 +236,16 @@ SELECT_STREAM = (
     " WHERE x.id > ? AND d.id = x.device_id AND r.sink = ? AND r.kind = 'reading'"
     " AND d.type GLOB r.device_type AND d.name GLOB r.device ORDER BY x.id LIMIT ?"
 )
+#: `SELECT_STREAM`'s entries as (reading id, route) pairs only; a pair repeats for a route
+#: with several glob rows.
+SELECT_STREAM_ENTRIES = (
+    "SELECT x.id, r.route FROM readings x CROSS JOIN devices d CROSS JOIN routes r"
+    " WHERE x.id > ? AND d.id = x.device_id AND r.sink = ? AND r.kind = 'reading'"
+    " AND d.type GLOB r.device_type AND d.name GLOB r.device ORDER BY x.id LIMIT ?"
+)
 SELECT_CURSOR = "SELECT reading_id FROM relay_cursors WHERE sink = ?"
+#: Route rows that take readings to sink `?`: at most this many entries per reading.
+COUNT_READING_ROUTES = "SELECT count(*) FROM routes WHERE sink = ? AND kind = 'reading'"
 ADVANCE_CURSOR = "UPDATE relay_cursors SET reading_id = max(reading_id, ?) WHERE sink = ?"
 
 
@@ -246,9 +255,7 @@ def read_stream(
     """At most `limit` entries (whole readings, but at least one) of the routed readings
     after reading id `after`; and the reading id they reach: the last one taken, or the last
     one stored when fewer were found (the readings between are routed elsewhere)."""
-    route_rows = conn.execute(
-        "SELECT count(*) FROM routes WHERE sink = ? AND kind = 'reading'", (sink,)
-    ).fetchone()[0]
+    route_rows = conn.execute(COUNT_READING_ROUTES, (sink,)).fetchone()[0]
     if route_rows == 0:
         return [], conn.execute("SELECT coalesce(max(id), ?) FROM readings", (after,)).fetchone()[0]
     # One row more than the batch can take: a full fetch shows where its last reading ends.
@@ -563,19 +570,21 @@ async def drop_oldest(conn: aiosqlite.Connection, sink: str, count: int) -> int:
     )
     dropped = cursor.rowcount
     if dropped < count:
-        # The cursor moves to the reading of the last entry dropped (a reading routed twice
-        # to the sink is two entries: the count may stop within it, and it goes whole).
-        cursor = await conn.execute(
-            "SELECT max(id), count(*) FROM (SELECT x.id FROM readings x"
-            " JOIN devices d ON d.id = x.device_id JOIN routes r ON r.sink = ?"
-            " AND r.kind = 'reading' AND d.type GLOB r.device_type AND d.name GLOB r.device"
-            f" WHERE x.id > ({SELECT_CURSOR}) GROUP BY x.id, r.route ORDER BY x.id LIMIT ?)",
-            (sink, sink, count - dropped),
-        )
+        # The cursor moves to the reading of the last entry dropped (a reading two routes
+        # take is two entries: the count may stop within it, and it goes whole).
+        cursor = await conn.execute(SELECT_CURSOR, (sink,))
         row = await cursor.fetchone()
-        if row is not None and row[0] is not None:
-            await conn.execute(ADVANCE_CURSOR, (row[0], sink))
-            dropped += int(row[1])
+        if row is None:
+            return dropped
+        cursor = await conn.execute(COUNT_READING_ROUTES, (sink,))
+        route_rows = (await cursor.fetchone() or (0,))[0]
+        cursor = await conn.execute(
+            SELECT_STREAM_ENTRIES, (row[0], sink, (count - dropped) * route_rows)
+        )
+        entries = list(dict.fromkeys(await cursor.fetchall()))[: count - dropped]
+        if entries:
+            await conn.execute(ADVANCE_CURSOR, (entries[-1][0], sink))
+            dropped += len(entries)
     return dropped
 
 

@@ -420,3 +420,14 @@ async def test_a_sink_no_longer_routed_keeps_what_it_was_owed_and_a_new_one_star
     assert setup.rows("SELECT sink, reading_id FROM relay_cursors") == [("n", 2)]
     # Retention is held back by no cursor that will never move again.
     assert setup.rows("SELECT min(reading_id) FROM relay_cursors") == [(2,)]
+
+
+async def test_what_a_sink_still_owes_is_read_from_its_cursor_on_not_from_every_reading(
+    setup: Setup,
+) -> None:
+    # `relay_queue` is counted every status interval in every worker process: over a
+    # database of millions of readings it must read only those after each cursor.
+    plan = setup.rows("EXPLAIN QUERY PLAN SELECT sink, count(*) FROM relay_queue GROUP BY sink")
+    steps = [row[3] for row in plan]
+    assert any(step.startswith("SEARCH x USING INTEGER PRIMARY KEY (rowid>") for step in steps)
+    assert not any(step.startswith("SCAN x") for step in steps), steps

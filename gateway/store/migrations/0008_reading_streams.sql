@@ -46,11 +46,13 @@ CREATE VIEW relay_queue AS
     FROM outbox o
     UNION ALL
     SELECT sink, 'reading', ref_id, device_id, 'pending', 0, first_at FROM (
+        -- CROSS JOIN: from each cursor, a range of `readings` by id (not a scan of them all)
         SELECT c.sink, x.id AS ref_id, x.device_id, x.received_at AS first_at
         FROM relay_cursors c
-        JOIN readings x ON x.id > c.reading_id
-        JOIN devices d ON d.id = x.device_id
-        JOIN routes r ON r.sink = c.sink AND r.kind = 'reading'
-            AND d.type GLOB r.device_type AND d.name GLOB r.device
+        CROSS JOIN readings x
+        CROSS JOIN devices d
+        CROSS JOIN routes r
+        WHERE x.id > c.reading_id AND d.id = x.device_id AND r.sink = c.sink
+            AND r.kind = 'reading' AND d.type GLOB r.device_type AND d.name GLOB r.device
         GROUP BY c.sink, x.id, r.route
     );
