@@ -165,7 +165,8 @@ def settle(
 class OutboxRow(NamedTuple):
     """What the planner needs to know about one outbox entry of one sink.
 
-    `id` grows in commit order, so sorting by it is the order readings were stored.
+    The planner is offered rows in the order things were stored (the outbox's `pos`, then
+    `id`); `plan_batch` sorts by `id`, which is that order where every `pos` is the same.
     """
 
     id: int
@@ -176,14 +177,14 @@ class OutboxRow(NamedTuple):
 
 @dataclass(frozen=True)
 class BatchPlan:
-    #: Entries to claim (pending -> in_flight) and send now, in id order.
+    #: Entries to claim (pending -> in_flight) and send now, in the order offered.
     send: tuple[OutboxRow, ...]
     #: Earliest time a currently blocked or waiting entry becomes due, if any.
     wake_at: float | None
 
 
 class BatchPlanner:
-    """`plan_batch`, one row at a time, for a caller that reads rows in id order and wants
+    """`plan_batch`, one row at a time, for a caller that reads rows in order and wants
     to stop reading as soon as no later row can change the plan."""
 
     def __init__(self, *, now: float, limit: int) -> None:
@@ -202,7 +203,7 @@ class BatchPlanner:
         return frozenset(self._blocked)
 
     def offer(self, row: OutboxRow) -> bool:
-        """Take the next row (ids ascending); False once the plan is final."""
+        """Take the next row (in stored order); False once the plan is final."""
         if self._final:
             return False
         if row.state in (_S.DELIVERED, _S.DEAD) or row.device in self._blocked:

@@ -1,10 +1,13 @@
-"""One sink's worker: claim due outbox entries, publish them, settle each one.
+"""One sink's worker: claim due outbox entries and the readings after the sink's cursor,
+publish them, settle each one.
 
 A round is one writer transaction, run in a single trip to the database thread: it writes
 the outcomes of the batch just published (delivered entries are deleted, transient failures
-rescheduled with backoff, the rest moved to the dead letters), reads the sink's unfinished
-entries in id order as far as the pure planner needs to pick what may go now without
-breaking per-device order, claims those (pending -> in_flight) and loads their messages.
+rescheduled with backoff, the rest moved to the dead letters; of the readings, those that
+failed or were held back are queued in the outbox and the cursor moves past them all),
+reads the sink's unfinished entries in order as far as the pure planner needs to pick what
+may go now without breaking per-device order, claims those (pending -> in_flight), loads
+their messages, and while the batch has room reads the routed readings after the cursor.
 The worker then publishes them with `publish_batch`, and the next round settles them. Once
 nothing is due it waits for a commit (the `wake` event), the earliest retry, or
 `poll_interval`.
@@ -299,28 +302,20 @@ class SinkWorker:
             failure = None if result is None else str(result)
             if delivery.entry_id < 0:
                 reading = by_key[delivery.entry_id]
-                settlement = settle(
-                    outcome,
-                    attempt=0,
-                    first_at=reading.first_at,
-                    policy=policy,
-                    now=now,
-                    rng=self._rng,
-                )
+                settlement = self._settlement(outcome, 0, reading.first_at, now)
                 streamed.append(store.StreamOutcome(reading, settlement, failure))
-                continue
-            entry = by_id[delivery.entry_id]
-            settlement = settle(
-                outcome,
-                attempt=entry.attempt,
-                first_at=entry.first_at,
-                policy=policy,
-                now=now,
-                rng=self._rng,
-            )
-            outcomes.append(store.Outcome(entry, settlement, failure))
+            else:
+                entry = by_id[delivery.entry_id]
+                settlement = self._settlement(outcome, entry.attempt, entry.first_at, now)
+                outcomes.append(store.Outcome(entry, settlement, failure))
         self._note_connection()
         return store.Settled(outcomes, streamed, claimed.stream_to)
+
+    def _settlement(
+        self, outcome: Outcome, attempt: int, first_at: float, now: float
+    ) -> Settlement:
+        policy, rng = self._config.retry, self._rng
+        return settle(outcome, attempt=attempt, first_at=first_at, policy=policy, now=now, rng=rng)
 
     def _dead(self, entry: store.Entry, reason: str, error: str) -> store.Outcome:
         return store.Outcome(entry, Settlement(_DEAD, entry.attempt, None, reason), error)
