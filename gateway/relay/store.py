@@ -273,18 +273,7 @@ def read_stream(
         if streamed and row[0] != taken[0] and (len(streamed) >= limit or last_read):
             return streamed, streamed[-1].reading_id
         taken = (row[0], row[11])
-        message = reading_message(
-            reading_id=row[0],
-            device=row[1],
-            device_type=row[2],
-            gateway=gateway,
-            name=row[3],
-            value=value_from_row(row[4], row[5]),
-            unit=row[6],
-            device_time=row[7],
-            received_at=row[8],
-            seq=row[9],
-        )
+        message = _reading_message(row, gateway)
         streamed.append(
             Streamed(row[0], row[10], _ENCODINGS[row[12]], row[8], bool(row[13]), message)
         )
@@ -357,6 +346,22 @@ def release(conn: sqlite3.Connection, ids: Sequence[int]) -> None:
         )
 
 
+def _reading_message(row: Any, gateway: str) -> RelayMessage:
+    """The message of a row whose first columns are `READING_SELECT`'s."""
+    return reading_message(
+        reading_id=row[0],
+        device=row[1],
+        device_type=row[2],
+        gateway=gateway,
+        name=row[3],
+        value=value_from_row(row[4], row[5]),
+        unit=row[6],
+        device_time=row[7],
+        received_at=row[8],
+        seq=row[9],
+    )
+
+
 def load_messages(
     conn: sqlite3.Connection, entries: Sequence[Entry], *, gateway: str
 ) -> dict[int, RelayMessage]:
@@ -369,18 +374,7 @@ def load_messages(
         for row in conn.execute(
             f"{READING_SELECT} WHERE r.id IN ({_marks(len(part))})", part
         ).fetchall():
-            found[row[0]] = reading_message(
-                reading_id=row[0],
-                device=row[1],
-                device_type=row[2],
-                gateway=gateway,
-                name=row[3],
-                value=value_from_row(row[4], row[5]),
-                unit=row[6],
-                device_time=row[7],
-                received_at=row[8],
-                seq=row[9],
-            )
+            found[row[0]] = _reading_message(row, gateway)
     for entry in readings:
         if entry.ref_id in found:
             messages[entry.id] = found[entry.ref_id]
@@ -438,6 +432,26 @@ class Outcome(NamedTuple):
     error: str | None
 
 
+INSERT_DEAD_LETTER = (
+    "INSERT INTO dead_letters (outbox_id, sink, kind, ref_id, device_id, encoding, attempt,"
+    " first_at, dead_at, reason, last_error) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+def _given_up(
+    encoding: Encoding, settlement: Settlement, first_at: float, now: float, error: str | None
+) -> tuple[Any, ...]:
+    """A dead letter's columns after the entry's identity (`INSERT_DEAD_LETTER`)."""
+    return (
+        encoding.value,
+        settlement.attempt,
+        first_at,
+        now,
+        settlement.reason or "permanent",
+        error,
+    )
+
+
 def apply(conn: sqlite3.Connection, outcomes: Sequence[Outcome], *, now: float) -> None:
     """Write the settlements: delete the delivered, reschedule retries, move the dead."""
     delivered = [(o.entry.id,) for o in outcomes if o.settlement.state is DeliveryState.DELIVERED]
@@ -454,21 +468,11 @@ def apply(conn: sqlite3.Connection, outcomes: Sequence[Outcome], *, now: float) 
         retry,
     )
     conn.executemany(
-        "INSERT INTO dead_letters (outbox_id, sink, kind, ref_id, device_id, encoding, attempt,"
-        " first_at, dead_at, reason, last_error) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        INSERT_DEAD_LETTER,
         [
             (
-                o.entry.id,
-                o.entry.sink,
-                o.entry.kind,
-                o.entry.ref_id,
-                o.entry.device_id,
-                o.entry.encoding.value,
-                o.settlement.attempt,
-                o.entry.first_at,
-                now,
-                o.settlement.reason or "permanent",
-                o.error,
+                *(o.entry.id, o.entry.sink, o.entry.kind, o.entry.ref_id, o.entry.device_id),
+                *_given_up(o.entry.encoding, o.settlement, o.entry.first_at, now, o.error),
             )
             for o in dead
         ],
@@ -537,19 +541,11 @@ def settle(conn: sqlite3.Connection, sink: str, settled: Settled, *, now: float)
     )
     # outbox_id 0: it never had an outbox entry.
     conn.executemany(
-        "INSERT INTO dead_letters (outbox_id, sink, kind, ref_id, device_id, encoding, attempt,"
-        " first_at, dead_at, reason, last_error) VALUES (0, ?, 'reading', ?, ?, ?, ?, ?, ?, ?, ?)",
+        INSERT_DEAD_LETTER,
         [
             (
-                sink,
-                o.entry.reading_id,
-                o.entry.device_id,
-                o.entry.encoding.value,
-                o.settlement.attempt,
-                o.entry.first_at,
-                now,
-                o.settlement.reason or "permanent",
-                o.error,
+                *(0, sink, "reading", o.entry.reading_id, o.entry.device_id),
+                *_given_up(o.entry.encoding, o.settlement, o.entry.first_at, now, o.error),
             )
             for o in dead
             if o.settlement is not None
