@@ -47,12 +47,18 @@ def _marks(count: int) -> str:
 
 #: The routed readings of sink `?` after reading id `?`, as outbox entries (one per reading
 #: and route, in reading then route order, like the rows of the `relay_queue` view).
+#: The routed readings of sink `?` after reading id `?`: one row per reading and route row
+#: (a route with several globs has several). CROSS JOIN keeps `readings` the outer loop, so
+#: the rows come in id order without a sort, and a LIMIT stops the scan.
+ROUTED_AFTER = (
+    " FROM readings x CROSS JOIN devices d CROSS JOIN routes r"
+    " WHERE x.id > ? AND d.id = x.device_id AND r.sink = ? AND r.kind = 'reading'"
+    " AND d.type GLOB r.device_type AND d.name GLOB r.device"
+)
 QUEUE_AFTER_CURSOR = (
     "INSERT INTO outbox (sink, kind, ref_id, device_id, encoding, first_at, next_attempt_at,"
     " pos) SELECT r.sink, 'reading', x.id, x.device_id, r.encoding, x.received_at,"
-    " x.received_at, 2 * x.id FROM readings x JOIN devices d ON d.id = x.device_id"
-    " JOIN routes r ON r.sink = ? AND r.kind = 'reading' AND d.type GLOB r.device_type"
-    " AND d.name GLOB r.device WHERE x.id > ? GROUP BY x.id, r.route ORDER BY x.id, r.route"
+    f" x.received_at, 2 * x.id{ROUTED_AFTER} GROUP BY x.id, r.route ORDER BY x.id, r.route"
 )
 
 
@@ -69,7 +75,7 @@ async def sync_routes(conn: aiosqlite.Connection, routes: Sequence[RouteConfig])
         cursors = [(row[0], row[1]) for row in await cursor.fetchall()]
     for sink, reading_id in cursors:
         if sink not in routed:
-            await conn.execute(QUEUE_AFTER_CURSOR, (sink, reading_id))
+            await conn.execute(QUEUE_AFTER_CURSOR, (reading_id, sink))
             await conn.execute("DELETE FROM relay_cursors WHERE sink = ?", (sink,))
     await conn.execute("DELETE FROM routes")
     rows = {
@@ -216,33 +222,27 @@ class Streamed(NamedTuple):
     reading_id: int
     device_id: int
     encoding: Encoding
-    #: When it was received: what `max_age` counts from.
-    first_at: float
     #: Its device has an earlier entry in the outbox: it is queued behind it, not sent.
     held: bool
     message: RelayMessage
 
+    @property
+    def first_at(self) -> float:
+        """When it was received: what `max_age` counts from."""
+        return self.message.received_at
 
-#: The routed readings after a reading id, in id order, one row per reading and route row
-#: (a route with several globs has several; the caller keeps one per route). CROSS JOIN
-#: keeps `readings` the outer loop, so the rows come in id order without a sort, and LIMIT
-#: stops the scan.
+
+#: `ROUTED_AFTER` with what a message needs (`READING_SELECT`'s columns first) and whether
+#: the device has an earlier entry in the outbox; the caller keeps one row per route.
 SELECT_STREAM = (
     "SELECT x.id, d.name, d.type, x.measurement, x.value, x.kind, x.unit, x.device_time,"
     " x.received_at, x.seq, x.device_id, r.route, r.encoding,"
     " EXISTS (SELECT 1 FROM outbox o WHERE o.sink = r.sink AND o.device_id = x.device_id"
-    " AND o.pos < 2 * x.id)"
-    " FROM readings x CROSS JOIN devices d CROSS JOIN routes r"
-    " WHERE x.id > ? AND d.id = x.device_id AND r.sink = ? AND r.kind = 'reading'"
-    " AND d.type GLOB r.device_type AND d.name GLOB r.device ORDER BY x.id LIMIT ?"
+    f" AND o.pos < 2 * x.id){ROUTED_AFTER} ORDER BY x.id LIMIT ?"
 )
-#: `SELECT_STREAM`'s entries as (reading id, route) pairs only; a pair repeats for a route
-#: with several glob rows.
-SELECT_STREAM_ENTRIES = (
-    "SELECT x.id, r.route FROM readings x CROSS JOIN devices d CROSS JOIN routes r"
-    " WHERE x.id > ? AND d.id = x.device_id AND r.sink = ? AND r.kind = 'reading'"
-    " AND d.type GLOB r.device_type AND d.name GLOB r.device ORDER BY x.id LIMIT ?"
-)
+#: `ROUTED_AFTER` as (reading id, route) pairs only; a pair repeats for a route with several
+#: glob rows.
+SELECT_STREAM_ENTRIES = f"SELECT x.id, r.route{ROUTED_AFTER} ORDER BY x.id LIMIT ?"
 SELECT_CURSOR = "SELECT reading_id FROM relay_cursors WHERE sink = ?"
 #: Route rows that take readings to sink `?`: at most this many entries per reading.
 COUNT_READING_ROUTES = "SELECT count(*) FROM routes WHERE sink = ? AND kind = 'reading'"
@@ -274,9 +274,7 @@ def read_stream(
             return streamed, streamed[-1].reading_id
         taken = (row[0], row[11])
         message = _reading_message(row, gateway)
-        streamed.append(
-            Streamed(row[0], row[10], _ENCODINGS[row[12]], row[8], bool(row[13]), message)
-        )
+        streamed.append(Streamed(row[0], row[10], _ENCODINGS[row[12]], bool(row[13]), message))
     if full and streamed:
         return streamed, streamed[-1].reading_id
     last = conn.execute("SELECT coalesce(max(id), 0) FROM readings").fetchone()[0]
